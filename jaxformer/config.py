@@ -1,0 +1,183 @@
+"""Every config default in one place, and validation before anything compiles.
+
+Config files in `configs/` start from `base_config()` and change values only.
+"""
+
+import ml_collections
+
+POS_ENCODINGS = ("learned", "sinusoidal", "rope")
+ATTENTIONS = ("plain", "dot_product", "cudnn")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- model: the transformer of the guide (B, T, C, V, H, D = C // H).
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 0            # 0: take it from the tokenizer, padded to vocab_multiple
+  m.vocab_multiple = 64       # padding V to a multiple of 64 gives faster matmuls
+  m.num_layers = 4
+  m.num_heads = 4
+  m.embed_dim = 128           # C
+  m.mlp_ratio = 4             # hidden width of the feed-forward is mlp_ratio * C
+  m.max_len = 256             # the longest sequence the model accepts (T_max)
+  m.pos_encoding = "learned"  # learned | sinusoidal | rope
+  m.rope_base = 10000.0
+  m.attention = "plain"       # plain | dot_product | cudnn
+  m.sliding_window = 0        # 0: full causal attention; W > 0: each token sees the last W tokens
+  m.activation = "gelu"       # gelu (exact, erf) | gelu_tanh (GPT-2) | relu
+  m.dropout = 0.0             # residual and embedding dropout
+  m.attn_dropout = 0.0        # dropout on the attention weights
+  m.use_bias = True
+  m.tie_embeddings = True     # the output head reuses the token embedding matrix
+  m.ln_eps = 1e-5             # GPT-2 / PyTorch; Flax's own default is 1e-6
+  m.dtype = "float32"         # compute dtype
+  m.param_dtype = "float32"   # parameters and optimizer state stay float32
+  m.remat = False             # recompute each block in the backward pass to save memory
+
+  # --- data: source -> tokenizer -> token arrays -> batches.
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "stories"        # stories | text | hf
+  d.path = ""                 # local file(s) for source=text ("a.txt" or "a.txt,b.jsonl")
+  d.hf_name = ""              # hub dataset name for source=hf
+  d.hf_config = ""
+  d.hf_revision = ""          # pin a revision for reproducibility
+  d.hf_split_train = "train"
+  d.hf_split_valid = "validation"
+  d.text_field = "text"
+  d.doc_separator = ""        # split one .txt file into documents on this string ("" = one doc)
+  d.valid_fraction = 0.1      # held out when the source has no validation split
+  d.num_stories = 20000       # size of the built-in stories corpus (train + validation)
+  d.stories_seed = 1234
+  d.tokenizer = "char"        # char | bpe
+  d.bpe_vocab_size = 5000
+  d.cache_dir = ""            # "" = ~/.cache/jaxformer
+  d.num_proc = 1              # processes for datasets.map tokenization
+  d.num_valid_batches = 8     # fixed validation batches, the same at every evaluation
+
+  # --- training.
+  t = c.train = ml_collections.ConfigDict()
+  t.batch_size = 32           # global B, split over the data x fsdp mesh axes
+  t.seq_len = 256             # T of a training window
+  t.steps = 1000
+  t.grad_accum = 1            # micro-batches per optimizer step (batch_size is per micro-batch)
+  t.eval_every = 200
+  t.log_every = 20
+  t.checkpoint_every = 500
+  t.keep_checkpoints = 2
+  t.early_stopping_patience = 0   # evaluations without improvement before stopping; 0 = off
+  t.nonfinite = "skip"        # skip | stop: what a NaN/Inf loss or gradient does
+  t.init_from = ""            # another run's workdir: fine-tune from its parameters
+  t.num_samples = 3           # samples printed at the end of a run
+  t.sample_tokens = 200
+
+  # --- optimizer (AdamW) and schedule.
+  o = c.optim = ml_collections.ConfigDict()
+  o.lr = 1e-3
+  o.schedule = "cosine"       # cosine | linear | constant (all after linear warmup)
+  o.warmup_steps = 100
+  o.min_lr_ratio = 0.1        # the floor of the decay, as a fraction of lr
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1
+  o.decay_embeddings = False  # weight decay on matrices only by default
+  o.clip_norm = 1.0           # global-norm clipping; 0 = off
+
+  # --- device mesh: data x fsdp x tensor must equal the device count (or 1x1x1).
+  mesh = c.mesh = ml_collections.ConfigDict()
+  mesh.data = -1              # -1: all devices not used by the other axes
+  mesh.fsdp = 1
+  mesh.tensor = 1
+
+  # --- multi-host (jax.distributed.initialize); empty = single process or auto-detect.
+  dist = c.distributed = ml_collections.ConfigDict()
+  dist.enabled = False
+  dist.coordinator_address = ""
+  dist.num_processes = 0
+  dist.process_id = -1
+  return c
+
+
+class ConfigError(ValueError):
+  """A config value is wrong; the message names the field and the fix."""
+
+
+def validate_model(m) -> None:
+  """Checks the model section; raises ConfigError with one clear sentence."""
+  for name in ("num_layers", "num_heads", "embed_dim", "max_len", "mlp_ratio"):
+    if int(m[name]) <= 0:
+      raise ConfigError(f"model.{name} must be positive, got {m[name]}.")
+  if m.vocab_size < 0:
+    raise ConfigError(f"model.vocab_size must be positive (or 0 to take it from the tokenizer), got {m.vocab_size}.")
+  if m.embed_dim % m.num_heads:
+    raise ConfigError(
+        f"model.embed_dim ({m.embed_dim}) must be divisible by model.num_heads ({m.num_heads}); "
+        "change one of them.")
+  if m.pos_encoding not in POS_ENCODINGS:
+    raise ConfigError(f"model.pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {m.pos_encoding!r}.")
+  if m.attention not in ATTENTIONS:
+    raise ConfigError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got {m.attention!r}.")
+  if m.activation not in ACTIVATIONS:
+    raise ConfigError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}.")
+  if m.pos_encoding == "sinusoidal" and m.embed_dim % 2:
+    raise ConfigError(f"model.embed_dim ({m.embed_dim}) must be even for sinusoidal positions (sin/cos pairs).")
+  if m.pos_encoding == "rope" and (m.embed_dim // m.num_heads) % 2:
+    raise ConfigError(
+        f"the head dim embed_dim/num_heads = {m.embed_dim // m.num_heads} must be even for rope; "
+        "change model.embed_dim or model.num_heads.")
+  for name in ("dropout", "attn_dropout"):
+    if not 0.0 <= m[name] < 1.0:
+      raise ConfigError(f"model.{name} must be in [0, 1), got {m[name]}.")
+  if m.attention != "plain" and m.attn_dropout > 0:
+    raise ConfigError(
+        f"model.attention={m.attention!r} has no attention-weight dropout; set model.attn_dropout=0 "
+        "or use model.attention='plain'.")
+  if m.sliding_window < 0:
+    raise ConfigError(f"model.sliding_window must be >= 0 (0 = off), got {m.sliding_window}.")
+  for name in ("dtype", "param_dtype"):
+    if m[name] not in DTYPES:
+      raise ConfigError(f"model.{name} must be one of {', '.join(DTYPES)}, got {m[name]!r}.")
+  if m.ln_eps <= 0:
+    raise ConfigError(f"model.ln_eps must be positive, got {m.ln_eps}.")
+
+
+def validate(c) -> None:
+  """Checks the whole config before anything is built or compiled."""
+  validate_model(c.model)
+  t, o = c.train, c.optim
+  if t.seq_len > c.model.max_len:
+    raise ConfigError(
+        f"train.seq_len ({t.seq_len}) is longer than model.max_len ({c.model.max_len}); "
+        "raise model.max_len or lower train.seq_len.")
+  for name in ("batch_size", "seq_len", "steps", "grad_accum", "eval_every", "log_every",
+               "checkpoint_every", "keep_checkpoints"):
+    if int(t[name]) <= 0:
+      raise ConfigError(f"train.{name} must be positive, got {t[name]}.")
+  if t.nonfinite not in ("skip", "stop"):
+    raise ConfigError(f"train.nonfinite must be 'skip' or 'stop', got {t.nonfinite!r}.")
+  if t.early_stopping_patience < 0:
+    raise ConfigError(f"train.early_stopping_patience must be >= 0 (0 = off), got {t.early_stopping_patience}.")
+  if o.lr <= 0:
+    raise ConfigError(f"optim.lr must be positive, got {o.lr}.")
+  if o.schedule not in ("cosine", "linear", "constant"):
+    raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {o.schedule!r}.")
+  if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+    raise ConfigError(f"optim.warmup_steps must be in [0, train.steps={t.steps}], got {o.warmup_steps}.")
+  if not 0.0 <= o.min_lr_ratio <= 1.0:
+    raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
+  if o.clip_norm < 0 or o.weight_decay < 0:
+    raise ConfigError("optim.clip_norm and optim.weight_decay must be >= 0.")
+  if c.data.source not in ("stories", "text", "hf"):
+    raise ConfigError(f"data.source must be stories, text or hf, got {c.data.source!r}.")
+  if c.data.tokenizer not in ("char", "bpe"):
+    raise ConfigError(f"data.tokenizer must be char or bpe, got {c.data.tokenizer!r}.")
+  if not 0.0 < c.data.valid_fraction < 1.0:
+    raise ConfigError(f"data.valid_fraction must be in (0, 1), got {c.data.valid_fraction}.")
+  for name in ("data", "fsdp", "tensor"):
+    v = c.mesh[name]
+    if v == 0 or v < -1:
+      raise ConfigError(f"mesh.{name} must be positive (or -1 for data: all remaining devices), got {v}.")

@@ -1,0 +1,7 @@
+import os
+import sys
+
+# Tests import the config files as `configs.<name>` and must never reach the network.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
