@@ -3,6 +3,9 @@
 Config files in `configs/` start from `base_config()` and change values only.
 """
 
+import json
+import os
+
 import ml_collections
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
@@ -181,3 +184,28 @@ def validate(c) -> None:
     v = c.mesh[name]
     if v == 0 or v < -1:
       raise ConfigError(f"mesh.{name} must be positive (or -1 for data: all remaining devices), got {v}.")
+
+
+def load_config_json(path: str) -> ml_collections.ConfigDict:
+  """A run's config.json back as a ConfigDict over the current defaults (new fields get defaults)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path} does not exist; point at a run folder that holds config.json.")
+  with open(path) as f:
+    values = json.load(f)
+  config = base_config()
+  unknown = _merge(config, values, "")
+  if unknown:
+    raise ConfigError(f"{path} has fields this version does not know: {', '.join(unknown)}.")
+  return config
+
+
+def _merge(config, values: dict, prefix: str) -> list:
+  unknown = []
+  for k, v in values.items():
+    if k not in config:
+      unknown.append(prefix + k)
+    elif isinstance(v, dict):
+      unknown += _merge(config[k], v, prefix + k + ".")
+    else:
+      config[k] = v
+  return unknown

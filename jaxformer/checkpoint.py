@@ -1,0 +1,158 @@
+"""Every Orbax call lives here: save, restore (latest, best, a step), resume, fine-tune.
+
+A run folder holds `checkpoints/` (the last N) and `best/` (the best by validation
+loss). Each checkpoint has three items: `state` (params, optimizer state, step,
+RNG), `data` (the batch stream's state) and `meta` (versions, tokenizer fingerprint).
+"""
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+ITEMS = ("state", "data", "meta")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used; the message says why and what to do."""
+
+
+def manager(directory: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=not read_only)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict) -> None:
+  """Starts an asynchronous save; call `wait(mgr)` before the process exits."""
+  mgr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+      meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def wait(mgr: ocp.CheckpointManager) -> None:
+  mgr.wait_until_finished()
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs carrying the target shardings, so a checkpoint restores onto any mesh."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _restore_step(mgr, step: int, abstract_state):
+  out = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+      meta=ocp.args.JsonRestore()))
+  return out["state"], dict(out["data"]), dict(out["meta"])
+
+
+def _is_structure_error(err: Exception) -> bool:
+  text = str(err).lower()
+  return any(s in text for s in ("shape", "structure", "mismatch", "missing", "unexpected key", "not match"))
+
+
+def restore_latest(mgr, abstract_state, log=print) -> Optional[tuple[Any, dict, dict, int]]:
+  """(state, data_state, meta, step) from the newest readable checkpoint, or None if there are none.
+
+  A checkpoint that fails to read (truncated or corrupt files) is reported and the one
+  before it is tried. A structure mismatch (another model or optimizer) is an error:
+  training never starts fresh silently over somebody's checkpoints.
+  """
+  steps = sorted(mgr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  errors = []
+  for step in steps:
+    try:
+      state, data_state, meta = _restore_step(mgr, step, abstract_state)
+      if errors:
+        log(f"warning: checkpoint {errors[-1][0]} could not be read ({errors[-1][1]}); "
+            f"resumed from step {step} instead.")
+      return state, data_state, meta, step
+    except Exception as err:  # pylint: disable=broad-except
+      if _is_structure_error(err) and not errors:
+        raise CheckpointError(
+            f"the checkpoint at step {step} in {mgr.directory} does not match this config's model or "
+            f"optimizer ({type(err).__name__}: {str(err).splitlines()[0][:200]}); use a new --workdir or "
+            "the config the run was started with.") from err
+      errors.append((step, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"))
+  raise CheckpointError(
+      f"no checkpoint in {mgr.directory} could be read (newest error: {errors[0][1]}); "
+      "delete the folder or use a new --workdir.")
+
+
+def restore_params(directory: str, which: str, abstract_params) -> tuple[Any, dict, int]:
+  """Only the parameters (and meta) of a run: for sampling, evaluation and fine-tuning.
+
+  `which`: "latest", "best" or a step number. `abstract_params` carries target shardings.
+  """
+  sub = "best" if which == "best" else "checkpoints"
+  path = os.path.join(directory, sub)
+  if not os.path.isdir(path):
+    raise CheckpointError(
+        f"{directory} has no {sub}/ folder; train a model there first (scripts/train.py --workdir={directory}).")
+  mgr = manager(path, read_only=True)
+  steps = sorted(mgr.all_steps())
+  if not steps:
+    raise CheckpointError(f"{path} holds no finished checkpoint; train longer or pick another run.")
+  if which in ("latest", "best"):
+    step = steps[-1]
+  else:
+    step = int(which)
+    if step not in steps:
+      raise CheckpointError(f"{path} has no checkpoint at step {step}; it has steps {steps}.")
+  try:
+    out = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": abstract_params},
+            restore_args=jax.tree_util.tree_map(
+                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+                {"params": abstract_params}),
+            partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+  except Exception as err:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f"the parameters in {path} (step {step}) do not fit this model "
+        f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+        "the architectures must match.") from err
+  finally:
+    mgr.close()
+  return out["state"]["params"], dict(out["meta"]), step
+
+
+def load_run(workdir: str, which: str = "latest"):
+  """(config, model config, params, tokenizer) of a trained run, on the default device."""
+  from jaxformer import config as config_lib, model as model_lib, tokenizer as tokenizer_lib
+  tok_path = os.path.join(workdir, "tokenizer.json")
+  if not os.path.isfile(tok_path):
+    raise CheckpointError(f"{workdir} has no tokenizer.json; point --workdir at a run folder made by scripts/train.py.")
+  config = config_lib.load_config_json(os.path.join(workdir, "config.json"))
+  tokenizer = tokenizer_lib.load_tokenizer(tok_path)
+  model_cfg = model_lib.model_config(config.model)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0))))
+  params, meta, step = restore_params(workdir, which, abstract)
+  if meta.get("tokenizer") not in (None, tokenizer_lib.fingerprint(tokenizer)):
+    raise CheckpointError(
+        f"{tok_path} is not the tokenizer the checkpoint was trained with; restore the run's own tokenizer.json.")
+  return config, model_cfg, params, tokenizer, step
+
+
+def has_checkpoints(directory: str) -> bool:
+  path = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(path):
+    return False
+  mgr = manager(path, read_only=True)
+  try:
+    return bool(mgr.all_steps())
+  finally:
+    mgr.close()
+
+
+logging.getLogger("absl").setLevel(logging.WARNING)
