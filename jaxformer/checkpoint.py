@@ -7,6 +7,7 @@ RNG), `data` (the batch stream's state) and `meta` (versions, tokenizer fingerpr
 
 import logging
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -50,17 +51,12 @@ def _restore_step(mgr, step: int, abstract_state):
   return out["state"], dict(out["data"]), dict(out["meta"])
 
 
-def _is_structure_error(err: Exception) -> bool:
-  text = str(err).lower()
-  return any(s in text for s in ("shape", "structure", "mismatch", "missing", "unexpected key", "not match"))
-
-
 def restore_latest(mgr, abstract_state, log=print) -> Optional[tuple[Any, dict, dict, int]]:
   """(state, data_state, meta, step) from the newest readable checkpoint, or None if there are none.
 
-  A checkpoint that fails to read (truncated or corrupt files) is reported and the one
-  before it is tried. A structure mismatch (another model or optimizer) is an error:
-  training never starts fresh silently over somebody's checkpoints.
+  A checkpoint that cannot be read (truncated or corrupt files) is reported and the one
+  before it is used. If none can be read, that is an error (most often another model
+  or optimizer than the one saved): training never starts afresh over a run's checkpoints.
   """
   steps = sorted(mgr.all_steps(), reverse=True)
   if not steps:
@@ -69,20 +65,28 @@ def restore_latest(mgr, abstract_state, log=print) -> Optional[tuple[Any, dict, 
   for step in steps:
     try:
       state, data_state, meta = _restore_step(mgr, step, abstract_state)
-      if errors:
-        log(f"warning: checkpoint {errors[-1][0]} could not be read ({errors[-1][1]}); "
-            f"resumed from step {step} instead.")
-      return state, data_state, meta, step
     except Exception as err:  # pylint: disable=broad-except
-      if _is_structure_error(err) and not errors:
-        raise CheckpointError(
-            f"the checkpoint at step {step} in {mgr.directory} does not match this config's model or "
-            f"optimizer ({type(err).__name__}: {str(err).splitlines()[0][:200]}); use a new --workdir or "
-            "the config the run was started with.") from err
-      errors.append((step, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"))
+      errors.append((step, _one_line(err)))
+      continue
+    for bad_step, why in errors:
+      # Moved aside (not deleted) so the run can save that step again and the files stay inspectable.
+      aside = os.path.join(str(mgr.directory) + "_unreadable", str(bad_step))
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.rmtree(aside, ignore_errors=True)
+      os.replace(os.path.join(str(mgr.directory), str(bad_step)), aside)
+      log(f"warning: checkpoint {bad_step} in {mgr.directory} could not be read ({why}); "
+          f"moved it to {aside} and resuming from step {step} instead.")
+    if errors:
+      mgr.reload()
+    return state, data_state, meta, step
   raise CheckpointError(
-      f"no checkpoint in {mgr.directory} could be read (newest error: {errors[0][1]}); "
-      "delete the folder or use a new --workdir.")
+      f"no checkpoint in {mgr.directory} fits this config (step {errors[0][0]}: {errors[0][1]}); "
+      "resume with the config the run was started with, or use a new --workdir.")
+
+
+def _one_line(err: Exception) -> str:
+  text = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def restore_params(directory: str, which: str, abstract_params) -> tuple[Any, dict, int]:
@@ -117,7 +121,7 @@ def restore_params(directory: str, which: str, abstract_params) -> tuple[Any, di
   except Exception as err:  # pylint: disable=broad-except
     raise CheckpointError(
         f"the parameters in {path} (step {step}) do not fit this model "
-        f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+        f"({_one_line(err)}); "
         "the architectures must match.") from err
   finally:
     mgr.close()

@@ -76,10 +76,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, skip_nonf
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(num_micro)))
     loss, grads = jax.tree_util.tree_map(lambda x: x / num_micro, (loss, grads))
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # The update itself too: a finite gradient times a bad learning rate is still poison.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
   if skip_nonfinite:
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
@@ -213,8 +214,13 @@ def _check_init_from_arch(config, model_cfg) -> None:
 # ---------------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = print) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns a summary dict of the final numbers."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = print,
+                       stop_at: int | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns a summary dict of the final numbers.
+
+  `stop_at` ends this process early at that step with a checkpoint, as a preemption
+  would; started again, the run continues exactly as if never stopped.
+  """
   config_lib.validate(config)
   maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
@@ -306,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
 
   summary = {"workdir": workdir, "start_step": start, "num_params": model_lib.num_params(model_cfg)}
   pending = None  # step n-1's metrics, read after step n is dispatched
-  window_start, window_steps = time.perf_counter(), 0
+  window = {"step": start, "time": time.perf_counter()}  # throughput since the last log line
   train_start = time.perf_counter()
   last = {}
   eval_loss = None
@@ -314,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
   stopped_reason = "finished"
 
   def handle(metrics_host, at_step):
-    nonlocal window_start, window_steps, last
+    nonlocal last
     if metrics_host["nonfinite"]:
       if t.nonfinite == "stop":
         raise TrainingError(
@@ -323,9 +329,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
       log(f"warning: non-finite loss or gradient at step {at_step}; update skipped.")
     last = metrics_host
     if at_step % t.log_every == 0 or at_step == t.steps:
-      now = time.perf_counter()
-      tps = tokens_per_step * window_steps / max(now - window_start, 1e-9)
-      window_start, window_steps = now, 0
+      now = time.perf_counter()  # step at_step has finished: its metrics were just fetched
+      tps = tokens_per_step * (at_step - window["step"]) / max(now - window["time"], 1e-9)
+      window.update(step=at_step, time=now)
       info = {"train/loss": float(metrics_host["train/loss"]), "lr": float(metrics_host["lr"]),
               "grad_norm": float(metrics_host["grad_norm"]), "tokens_per_sec": tps,
               "mfu": metrics_lib.mfu(tps, flops_tok, peak, jax.device_count())}
@@ -339,13 +345,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
 
   try:
     while step < t.steps:
-      if stop["signal"] is not None:
-        stopped_reason = f"signal {stop['signal']}"
+      if stop["signal"] is not None or step == stop_at:
+        stopped_reason = f"signal {stop['signal']}" if stop["signal"] is not None else f"stopped at {step}"
         break
       batch = get_batch(step)
       state, metrics = step_fn(state, batch)
       step += 1
-      window_steps += 1
       progress.update(step, {}, n=1)
       if pending is not None:
         handle(jax.device_get(pending[0]), pending[1])
@@ -367,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
         progress.log(metrics_lib.format_line(step, t.steps, info))
         if improved:
           save(state, step, best=True)
-        window_start = time.perf_counter()  # evaluation time is not training throughput
+        window.update(step=step, time=time.perf_counter())  # evaluation time is not training throughput
         if t.early_stopping_patience and evals_since_best >= t.early_stopping_patience:
           stopped_reason = f"early stopping: no improvement in {evals_since_best} evaluations"
           progress.log(stopped_reason)

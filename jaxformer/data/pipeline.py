@@ -1,0 +1,306 @@
+"""Source -> tokenizer -> flat token arrays on disk (cached) -> `Data`.
+
+The cache lives in `data.cache_dir` (default ~/.cache/jaxformer):
+  tokenizers/KEY/tokenizer.json   trained tokenizers, KEY = hash(source, tokenizer settings)
+  tokens/KEY/                     KEY = hash(source description, tokenizer fingerprint)
+    train.npy valid.npy           flat token ids, an EOT after every document (uint16 or uint32)
+    valid_doc_starts.npy          int64 offset of each validation document's first token
+    valid_doc_logps.npy           log p(document) in nats (stories only)
+    manifest.json                 what was tokenized, with what, and the counts
+A token directory is written under a temporary name and renamed into place,
+so an interrupted run never leaves a half-written cache behind.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import NamedTuple
+
+import numpy as np
+import tokenizers
+
+from jaxformer import tokenizer as tokenizer_lib
+from jaxformer.data import batches as batches_lib
+from jaxformer.data import sources
+from jaxformer.data.sources import DataError
+
+MANIFEST_VERSION = 1
+
+
+class Data(NamedTuple):
+  tokenizer: tokenizers.Tokenizer
+  train: np.ndarray                 # flat token ids (memmap)
+  valid: np.ndarray                 # flat token ids (memmap)
+  valid_doc_starts: np.ndarray      # int64 offsets of each validation document's first token in `valid`
+  entropy_floor: float | None       # nats per token over all validation docs (stories only)
+  manifest: dict
+  valid_doc_logps: np.ndarray | None = None   # log p(doc) in nats per validation doc (stories only)
+
+
+class ValidSet(NamedTuple):
+  batches: list[dict]               # the fixed validation batches, each (B, T)
+  entropy_floor: float | None       # nats per token over exactly the scored docs (stories only)
+  num_docs: int | None              # validation documents scored (document-aligned only)
+
+
+def _hash(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _token_dtype(vocab_size: int):
+  return np.uint16 if vocab_size <= 65535 else np.uint32
+
+
+def _train_tokenizer(data_config, source: sources.Source) -> tokenizers.Tokenizer:
+  if data_config.tokenizer == "char":
+    # Both splits' characters: validation text may hold a character training lacks.
+    return tokenizer_lib.train_char(source.train + source.valid)
+  return tokenizer_lib.train_bpe(source.train, int(data_config.bpe_vocab_size))
+
+
+def get_tokenizer(data_config, workdir: str | None, description: dict, get_source) -> tokenizers.Tokenizer:
+  """The run's tokenizer: the workdir's if it has one, else a cached or freshly trained one.
+
+  A new tokenizer is saved to `workdir/tokenizer.json`, so a resumed run keeps it.
+  `get_source()` loads the documents; it is only called when training is needed.
+  """
+  kind = data_config.tokenizer
+  if kind not in tokenizer_lib.KINDS:
+    raise DataError(f"data.tokenizer must be char or bpe, got {kind!r}.")
+  if kind == "bpe":  # before any text is read or generated
+    try:
+      tokenizer_lib.check_bpe_vocab_size(int(data_config.bpe_vocab_size))
+    except ValueError as e:
+      raise DataError(str(e)) from None
+  workdir_path = os.path.join(workdir, "tokenizer.json") if workdir else None
+  if workdir_path and os.path.exists(workdir_path):
+    tok = tokenizer_lib.load_tokenizer(workdir_path)
+    if tokenizer_lib.kind(tok) != kind:
+      raise DataError(
+          f"{workdir_path} is a {tokenizer_lib.kind(tok)} tokenizer but data.tokenizer={kind}; "
+          "use a fresh --workdir or set data.tokenizer to match the run.")
+    return tok
+  settings = {"kind": kind, "bpe_vocab_size": int(data_config.bpe_vocab_size) if kind == "bpe" else None}
+  cached_path = os.path.join(sources.cache_root(data_config), "tokenizers",
+                             _hash({"source": description, "tokenizer": settings}), "tokenizer.json")
+  if os.path.exists(cached_path):
+    tok = tokenizer_lib.load_tokenizer(cached_path)
+  else:
+    tok = _train_tokenizer(data_config, get_source())
+    tokenizer_lib.save_tokenizer(tok, cached_path)
+  if workdir_path:
+    tokenizer_lib.save_tokenizer(tok, workdir_path)
+  return tok
+
+
+# Byte-level BPE pre-tokens never span a newline that has non-space on both sides
+# (and char tokens never span anything), so cutting there leaves the ids unchanged.
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+PIECE_CHARS = 1 << 18
+
+
+def split_long(doc: str, size: int | None = None) -> list[str]:
+  """`doc` cut into pieces of at least `size` (PIECE_CHARS) characters at token-safe places.
+
+  One long text (a whole book) then tokenizes in parallel and in bounded memory.
+  """
+  size = size or PIECE_CHARS
+  pieces, start = [], 0
+  while len(doc) - start > size:
+    cut = _SAFE_CUT.search(doc, start + size)
+    if cut is None:
+      break
+    pieces.append(doc[start:cut.start()])
+    start = cut.start()
+  pieces.append(doc[start:])
+  return pieces
+
+
+def tokenize_to_file(tok: tokenizers.Tokenizer, docs: list[str], path: str, *, num_proc: int = 1,
+                     name: str = "") -> np.ndarray:
+  """Tokenizes `docs` with an EOT after each and writes one flat .npy; returns tokens per doc.
+
+  Runs through `datasets.map` (batched, `num_proc` processes, progress bar on);
+  the flat array is filled chunk by chunk, never held twice in memory.
+  """
+  import datasets  # pylint: disable=g-import-not-at-top
+  eot = tokenizer_lib.eot_id(tok)
+  dtype = _token_dtype(tokenizer_lib.vocab_size(tok))
+  pieces, last, first_piece = [], [], []
+  for doc in docs:
+    first_piece.append(len(pieces))
+    doc_pieces = split_long(doc)
+    pieces.extend(doc_pieces)
+    last.extend([False] * (len(doc_pieces) - 1) + [True])
+
+  def encode(batch):
+    encodings = tok.encode_batch(batch["text"], add_special_tokens=False)
+    return {"ids": [e.ids + [eot] if is_last else e.ids for e, is_last in zip(encodings, batch["last"])]}
+
+  features = datasets.Features({"ids": datasets.List(datasets.Value(np.dtype(dtype).name))})
+  dataset = datasets.Dataset.from_dict({"text": pieces, "last": last})
+  del pieces
+  dataset = dataset.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None,
+                        remove_columns=["text", "last"], features=features, desc=f"tokenizing {name}".strip(),
+                        new_fingerprint=_hash([path, len(docs)]))
+  column = dataset.data.column("ids")
+  piece_lengths = np.concatenate([np.diff(chunk.offsets.to_numpy()) for chunk in column.chunks]
+                                 or [np.zeros(0, np.int64)]).astype(np.int64)
+  out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(int(piece_lengths.sum()),))
+  pos = 0
+  for chunk in column.chunks:
+    values = chunk.flatten().to_numpy()
+    out[pos:pos + len(values)] = values
+    pos += len(values)
+  out.flush()
+  del out
+  if not docs:
+    return np.zeros(0, np.int64)
+  return np.add.reduceat(piece_lengths, np.array(first_piece, np.int64))
+
+
+def _check_chars(tok: tokenizers.Tokenizer, source: sources.Source) -> None:
+  """A char tokenizer from an earlier run may lack characters of this source's text."""
+  if tokenizer_lib.kind(tok) != "char":
+    return
+  chars = set()
+  for doc in source.train + source.valid:
+    chars.update(doc)
+  missing = tokenizer_lib.unseen_chars(tok, "".join(sorted(chars)))
+  if missing:
+    raise DataError(
+        f"the text holds characters the run's char tokenizer has never seen: {', '.join(map(repr, missing))}; "
+        "train a new tokenizer (use a fresh --workdir) or use data.tokenizer=bpe.")
+
+
+def build_cache(cache_dir: str, source: sources.Source, tok: tokenizers.Tokenizer, *, num_proc: int = 1) -> None:
+  """Tokenizes both splits into `cache_dir`, atomically: all of it appears, or none."""
+  _check_chars(tok, source)
+  parent = os.path.dirname(cache_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(cache_dir)}-")
+  try:
+    train_lengths = tokenize_to_file(tok, source.train, os.path.join(tmp, "train.npy"),
+                                     num_proc=num_proc, name="train")
+    valid_lengths = tokenize_to_file(tok, source.valid, os.path.join(tmp, "valid.npy"),
+                                     num_proc=num_proc, name="valid")
+    valid_starts = np.concatenate([[0], np.cumsum(valid_lengths)[:-1]]).astype(np.int64)
+    np.save(os.path.join(tmp, "valid_doc_starts.npy"), valid_starts)
+    vocab = tokenizer_lib.vocab_size(tok)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "source": source.description,
+        "tokenizer": {"kind": tokenizer_lib.kind(tok), "fingerprint": tokenizer_lib.fingerprint(tok),
+                      "vocab_size": vocab, "eot_id": tokenizer_lib.eot_id(tok)},
+        "dtype": np.dtype(_token_dtype(vocab)).name,
+        "splits": {
+            name: {"documents": len(docs), "characters": sum(map(len, docs)), "tokens": int(lengths.sum())}
+            for name, docs, lengths in (("train", source.train, train_lengths),
+                                        ("valid", source.valid, valid_lengths))},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if source.valid_logps is not None:
+      np.save(os.path.join(tmp, "valid_doc_logps.npy"), np.asarray(source.valid_logps, np.float64))
+      nats = float(-np.sum(source.valid_logps))
+      manifest["entropy_floor"] = {
+          "nats_per_token": batches_lib.entropy_floor(source.valid_logps, valid_lengths),
+          "nats": nats, "tokens": int(valid_lengths.sum()), "documents": len(source.valid)}
+    # The manifest goes last: a directory with one is complete.
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+      json.dump(manifest, f, indent=2)
+    if read_manifest(cache_dir) is not None:
+      return  # another process (host) finished the same cache first; keep theirs
+    if os.path.exists(cache_dir):  # incomplete (a copy cut short by hand); ours replaces it
+      shutil.rmtree(cache_dir)
+    try:
+      os.rename(tmp, cache_dir)
+    except OSError:
+      if read_manifest(cache_dir) is None:  # lost a rename race to an identical copy: fine
+        raise
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_manifest(cache_dir: str) -> dict | None:
+  path = os.path.join(cache_dir, "manifest.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_manifest(manifest: dict, fingerprint: str, cache_dir: str) -> None:
+  """Refuses a cache whose tokens were written by another tokenizer."""
+  written_by = manifest.get("tokenizer", {}).get("fingerprint")
+  if written_by != fingerprint:
+    raise DataError(
+        f"the token cache {cache_dir} was written by tokenizer {written_by}, but this run's tokenizer is "
+        f"{fingerprint}; delete {cache_dir} to rebuild it.")
+
+
+def token_cache_dir(data_config, description: dict, fingerprint: str) -> str:
+  key = _hash({"source": description, "tokenizer": fingerprint, "version": MANIFEST_VERSION})
+  return os.path.join(sources.cache_root(data_config), "tokens", key)
+
+
+def load_data(data_config, workdir: str | None, seq_len: int) -> Data:
+  """Everything a training run eats: tokenizer, memmapped token arrays, validation layout.
+
+  A second call with the same source and tokenizer reads the cache without
+  loading or tokenizing any text.
+  """
+  description = sources.describe_source(data_config)
+  loaded = []
+
+  def get_source():
+    if not loaded:
+      loaded.append(sources.load_source(data_config, description))
+    return loaded[0]
+
+  tok = get_tokenizer(data_config, workdir, description, get_source)
+  fingerprint = tokenizer_lib.fingerprint(tok)
+  cache_dir = token_cache_dir(data_config, description, fingerprint)
+  manifest = read_manifest(cache_dir)
+  if manifest is None:
+    build_cache(cache_dir, get_source(), tok, num_proc=int(data_config.num_proc))
+    manifest = read_manifest(cache_dir)
+  check_manifest(manifest, fingerprint, cache_dir)
+
+  def load(name):
+    return np.load(os.path.join(cache_dir, name), mmap_mode="r")
+
+  train, valid = load("train.npy"), load("valid.npy")
+  for name, tokens, fix in (("training", train, "use more text"),
+                            ("validation", valid, "use more text or a larger data.valid_fraction")):
+    if len(tokens) < seq_len + 1:
+      raise DataError(
+          f"the {name} split has {len(tokens)} tokens, fewer than seq_len+1 = {seq_len + 1} for one window; "
+          f"{fix}, or lower train.seq_len.")
+  logps_path = os.path.join(cache_dir, "valid_doc_logps.npy")
+  logps = np.load(logps_path) if os.path.exists(logps_path) else None
+  floor = manifest["entropy_floor"]["nats_per_token"] if "entropy_floor" in manifest else None
+  manifest = dict(manifest, cache_dir=cache_dir)
+  return Data(tok, train, valid, np.load(os.path.join(cache_dir, "valid_doc_starts.npy")), floor, manifest, logps)
+
+
+def validation_set(data: Data, *, num_batches: int, batch_size: int, seq_len: int) -> ValidSet:
+  """The run's fixed validation batches, and the entropy floor over exactly what they score.
+
+  Story corpora (those with log-probs) are scored document-aligned; others by
+  evenly spaced windows.
+  """
+  aligned = data.valid_doc_logps is not None
+  batches = batches_lib.valid_batches(
+      data.valid, data.valid_doc_starts, num_batches=num_batches, batch_size=batch_size, seq_len=seq_len,
+      document_aligned=aligned, eot_id=tokenizer_lib.eot_id(data.tokenizer))
+  if not aligned:
+    return ValidSet(batches, None, None)
+  num_docs = batches_lib.num_scored_docs(data.valid_doc_starts, len(data.valid), num_batches=num_batches,
+                                         batch_size=batch_size, seq_len=seq_len)
+  lengths = batches_lib.doc_lengths(data.valid_doc_starts, len(data.valid))[:num_docs]
+  return ValidSet(batches, batches_lib.entropy_floor(data.valid_doc_logps[:num_docs], lengths), num_docs)

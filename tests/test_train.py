@@ -1,0 +1,244 @@
+"""Training: learning, determinism, exact resume, accumulation, NaN guard, fine-tuning, errors."""
+
+import glob
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxformer import checkpoint, config as config_lib, metrics, model as model_lib, optim, train
+from jaxformer.config import ConfigError
+
+
+def micro_config(cache_dir, **train_overrides):
+  """A model small enough that a step compiles in a second or two on CPU."""
+  c = config_lib.base_config()
+  c.model.update(dict(num_layers=2, num_heads=2, embed_dim=32, max_len=32))
+  c.data.update(dict(num_stories=400, cache_dir=str(cache_dir), num_valid_batches=4))
+  c.train.update(dict(batch_size=8, seq_len=32, steps=8, eval_every=4, log_every=1,
+                      checkpoint_every=2, keep_checkpoints=2, num_samples=0))
+  c.train.update(train_overrides)
+  c.optim.update(dict(lr=3e-3, warmup_steps=2))
+  return c
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+def losses(workdir):
+  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def final_params(workdir):
+  return checkpoint.load_run(workdir)[2]
+
+
+def run(config, workdir, **kw):
+  return train.train_and_evaluate(config, str(workdir), log=lambda *_: None, **kw)
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_same_config_twice_is_bitwise_identical_and_resume_is_exact(cache, tmp_path):
+  c = micro_config(cache)
+  run(c, tmp_path / "a")
+  run(c, tmp_path / "b")
+  a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+  assert sorted(a) == list(range(1, 9)) and a == b
+  assert_trees_equal(final_params(tmp_path / "a"), final_params(tmp_path / "b"))
+
+  # Stop at step 4, start again: the same 8 losses and the same final parameters.
+  summary = run(c, tmp_path / "r", stop_at=4)
+  assert summary["step"] == 4
+  run(c, tmp_path / "r")
+  assert losses(tmp_path / "r") == a
+  assert_trees_equal(final_params(tmp_path / "r"), final_params(tmp_path / "a"))
+
+
+def test_resume_exact_with_accumulation_and_after_corrupt_latest(cache, tmp_path):
+  c = micro_config(cache, grad_accum=2, batch_size=4)
+  run(c, tmp_path / "straight")
+  run(c, tmp_path / "r", stop_at=6)  # checkpoints at 4 and 6
+  # Corrupt the newest checkpoint's array files: the run must fall back to step 4.
+  files = [f for f in glob.glob(str(tmp_path / "r" / "checkpoints" / "6" / "state" / "**"), recursive=True)
+           if os.path.isfile(f)]
+  assert files
+  for f in files:
+    with open(f, "wb") as fh:
+      fh.write(b"garbage")
+  messages = []
+  train.train_and_evaluate(c, str(tmp_path / "r"), log=messages.append)
+  assert any("could not be read" in m and "resuming from step 4" in m for m in messages), messages
+  assert losses(tmp_path / "r") == losses(tmp_path / "straight")
+  assert_trees_equal(final_params(tmp_path / "r"), final_params(tmp_path / "straight"))
+
+
+def test_structure_mismatch_is_an_error_not_a_fresh_start(cache, tmp_path):
+  c = micro_config(cache, steps=2)
+  run(c, tmp_path / "w")
+  c2 = micro_config(cache, steps=4)
+  c2.model.embed_dim = 64
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* fits this config"):
+    run(c2, tmp_path / "w")
+
+
+def test_loss_falls_well_below_log_v_on_stories(cache, tmp_path):
+  c = micro_config(cache, steps=150, eval_every=150, checkpoint_every=150, log_every=10)
+  c.model.update(dict(num_layers=2, num_heads=4, embed_dim=64, max_len=64))
+  c.train.seq_len = 64
+  c.train.batch_size = 16
+  summary = run(c, tmp_path / "w")
+  V = summary["num_params"] and model_lib.model_config(
+      config_lib.load_config_json(str(tmp_path / "w" / "config.json")).model).vocab_size
+  assert summary["eval/loss"] < 0.6 * math.log(V), summary
+  assert summary["entropy_floor"] is not None and 0 < summary["entropy_floor"] < summary["eval/loss"]
+
+
+def test_overfits_one_batch():
+  cfg = model_lib.model_config(config_lib.base_config().model.copy_and_resolve_references(), 64)
+  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "num_layers": 2, "embed_dim": 64, "num_heads": 4, "max_len": 32})
+  c = config_lib.base_config()
+  c.optim.update(dict(lr=1e-2, warmup_steps=10, weight_decay=0.0))
+  tx = optim.make_optimizer(c.optim, 200)
+  mesh = train.sharding.make_mesh(c.mesh)
+  _, shardings = train.state_shardings(cfg, tx, mesh)
+  step_fn, _ = train.compile_steps(cfg, tx, optim.schedule(c.optim, 200), shardings, mesh, True)
+  state = train.init_state(cfg, tx, shardings, 0)
+  rng = np.random.default_rng(0)
+  window = rng.integers(0, 60, size=(1, 8, 33))
+  batch = {"inputs": window[..., :-1].astype(np.int32), "targets": window[..., 1:].astype(np.int32),
+           "weights": np.ones((1, 8, 32), np.float32)}
+  for _ in range(200):
+    state, m = step_fn(state, batch)
+  assert float(m["train/loss"]) < 0.05
+
+
+def test_accumulation_equals_large_batch_step():
+  cfg = model_lib.model_config(config_lib.base_config().model, 64)
+  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "num_layers": 1, "embed_dim": 32, "num_heads": 2, "max_len": 16})
+  c = config_lib.base_config()
+  tx = optim.make_optimizer(c.optim, 10)
+  mesh = train.sharding.make_mesh(c.mesh)
+  _, shardings = train.state_shardings(cfg, tx, mesh)
+  step_fn, _ = train.compile_steps(cfg, tx, optim.schedule(c.optim, 10), shardings, mesh, True)
+  rng = np.random.default_rng(1)
+  w = rng.integers(0, 64, size=(8, 17))
+  big = {"inputs": w[None, :, :-1].astype(np.int32), "targets": w[None, :, 1:].astype(np.int32),
+         "weights": np.ones((1, 8, 16), np.float32)}
+  acc = {k: v.reshape(4, 2, 16) for k, v in big.items()}
+  s1, m1 = step_fn(train.init_state(cfg, tx, shardings, 0), big)
+  s2, m2 = step_fn(train.init_state(cfg, tx, shardings, 0), acc)
+  np.testing.assert_allclose(m1["train/loss"], m2["train/loss"], rtol=1e-6)
+  np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_nonfinite_step_is_skipped_and_stop_mode_stops(cache, tmp_path):
+  cfg = model_lib.model_config(config_lib.base_config().model, 64)
+  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "num_layers": 1, "embed_dim": 32, "num_heads": 2, "max_len": 16})
+  c = config_lib.base_config()
+  tx = optim.make_optimizer(c.optim, 10)
+  mesh = train.sharding.make_mesh(c.mesh)
+  _, shardings = train.state_shardings(cfg, tx, mesh)
+  step_fn, _ = train.compile_steps(cfg, tx, optim.schedule(c.optim, 10), shardings, mesh, True)
+  state = train.init_state(cfg, tx, shardings, 0)
+  before = jax.device_get(state.params)
+  batch = {"inputs": np.zeros((1, 2, 16), np.int32), "targets": np.zeros((1, 2, 16), np.int32),
+           "weights": np.full((1, 2, 16), np.nan, np.float32)}  # a NaN loss
+  state, m = step_fn(state, batch)
+  assert int(m["nonfinite"]) == 1 and int(state.step) == 1
+  assert_trees_equal(before, state.params)
+
+  # In a run with train.nonfinite=stop, a NaN learning rate stops with a clear error, nothing saved.
+  conf = micro_config(cache, steps=4, nonfinite="stop")
+  conf.optim.lr = float("inf")
+  with pytest.raises(train.TrainingError, match="non-finite loss or gradient at step 1"):
+    run(conf, tmp_path / "nan")
+  assert not checkpoint.has_checkpoints(str(tmp_path / "nan"))
+
+
+def test_schedule_warmup_cosine_floor():
+  c = config_lib.base_config().optim
+  c.update(dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine"))
+  s = optim.schedule(c, 110)
+  assert float(s(0)) == 0.0 and abs(float(s(5)) - 0.5) < 1e-6 and abs(float(s(10)) - 1.0) < 1e-6
+  assert abs(float(s(60)) - 0.55) < 1e-5  # half-way through the decay: (1 + 0.1) / 2
+  assert abs(float(s(110)) - 0.1) < 1e-6 and abs(float(s(500)) - 0.1) < 1e-6
+  c.schedule = "linear"
+  assert abs(float(optim.schedule(c, 110)(60)) - 0.55) < 1e-6
+  c.schedule = "constant"
+  assert float(optim.schedule(c, 110)(100)) == 1.0
+
+
+def test_weight_decay_mask_and_clipping():
+  cfg = model_lib.model_config(config_lib.base_config().model, 64)
+  params = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  mask = optim.decay_mask(params)
+  assert mask["block_0"]["mlp"]["fc"]["kernel"] and mask["block_0"]["attn"]["qkv"]["kernel"]
+  assert not mask["block_0"]["mlp"]["fc"]["bias"] and not mask["ln_f"]["scale"]
+  assert not mask["embed"]["embedding"] and not mask["pos_embed"]
+  assert optim.decay_mask(params, decay_embeddings=True)["embed"]["embedding"]
+  # Clipping: a huge gradient moves the params no more than a gradient of norm 1 would.
+  c = config_lib.base_config().optim
+  c.update(dict(lr=1.0, warmup_steps=0, weight_decay=0.0, clip_norm=1.0, b1=0.0, b2=0.0, schedule="constant"))
+  tx = optim.make_optimizer(c, 10)
+  p = {"w": jnp.ones((3,))}
+  clip = optax.clip_by_global_norm(1.0)
+  g = {"w": jnp.array([300.0, 400.0, 0.0])}
+  clipped, _ = clip.update(g, clip.init(p))
+  np.testing.assert_allclose(clipped["w"], [0.6, 0.8, 0.0], rtol=1e-6)
+  updates, _ = tx.update(g, tx.init(p), p)
+  assert np.all(np.isfinite(updates["w"]))
+
+
+def test_fine_tuning_from_a_run(cache, tmp_path):
+  base = micro_config(cache, steps=4)
+  run(base, tmp_path / "base")
+  ft = micro_config(cache, steps=2, init_from=str(tmp_path / "base"))
+  messages = []
+  train.train_and_evaluate(ft, str(tmp_path / "ft"), log=messages.append)
+  assert any("fine-tuning from" in m for m in messages)
+  # Step 1 of the fine-tuned run starts from the base run's weights: its loss is the base model's
+  # loss on that batch, far below the loss of a fresh init.
+  fresh = micro_config(cache, steps=2)
+  run(fresh, tmp_path / "fresh")
+  assert losses(tmp_path / "ft")[1] < losses(tmp_path / "fresh")[1] - 0.1
+  bad = micro_config(cache, steps=2, init_from=str(tmp_path / "base"))
+  bad.model.num_layers = 3
+  with pytest.raises(ConfigError, match="has another architecture .*num_layers: 2 vs 3"):
+    run(bad, tmp_path / "ft_bad")
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "batch_size", 0, "train.batch_size must be positive"),
+    ("optim", "schedule", "cosin", "optim.schedule must be cosine, linear or constant"),
+    ("train", "nonfinite", "ignore", "train.nonfinite must be 'skip' or 'stop'"),
+    ("mesh", "fsdp", 0, "mesh.fsdp must be positive"),
+    ("optim", "warmup_steps", 5000, r"optim.warmup_steps must be in \[0, train.steps"),
+])
+def test_bad_config_values(section, key, value, message):
+  c = config_lib.base_config()
+  c[section][key] = value
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_mesh_errors():
+  c = config_lib.base_config()
+  c.mesh.data = 4
+  with pytest.raises(ConfigError, match="does not match the 1 available devices"):
+    train.sharding.make_mesh(c.mesh)
+  c.mesh.data, c.mesh.tensor = -1, 3
+  with pytest.raises(ConfigError, match="does not divide the 1 devices"):
+    train.sharding.make_mesh(c.mesh)
