@@ -168,8 +168,8 @@ def validate(c) -> None:
     raise ConfigError(f"optim.lr must be positive, got {o.lr}.")
   if o.schedule not in ("cosine", "linear", "constant"):
     raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {o.schedule!r}.")
-  if o.warmup_steps < 0 or o.warmup_steps > t.steps:
-    raise ConfigError(f"optim.warmup_steps must be in [0, train.steps={t.steps}], got {o.warmup_steps}.")
+  if o.warmup_steps < 0:
+    raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}.")
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
   if o.clip_norm < 0 or o.weight_decay < 0:
