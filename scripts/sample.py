@@ -1,0 +1,57 @@
+"""Write text with a trained run.
+
+python scripts/sample.py --workdir=DIR [--prompt=TEXT | --prompt_file=FILE] [--num_samples=N]
+    [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S] [--checkpoint=latest|best|STEP]
+
+temperature=0 is greedy; top_k=0 and top_p=1.0 switch those filters off. An empty
+prompt starts from the end-of-text token, as a new document does in training.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging
+
+from jaxformer import checkpoint, cli, sampling, tokenizer as tokenizer_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder made by scripts/train.py.", required=True)
+_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (\"\" starts a new document).")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Read the prompt from this file instead.")
+_NUM = flags.DEFINE_integer("num_samples", 3, "How many samples of the prompt.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 is off.")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus: keep the smallest set with mass >= p; 1.0 is off.")
+_SEED = flags.DEFINE_integer("seed", 0, "Same seed and flags give the same text.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.ERROR)
+  if _NUM.value < 1:
+    raise ValueError(f"--num_samples must be at least 1, got {_NUM.value}.")
+  sampling.check_settings(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                          top_k=_TOP_K.value, top_p=_TOP_P.value)
+  prompt = _PROMPT.value
+  if _PROMPT_FILE.value:
+    if not os.path.isfile(_PROMPT_FILE.value):
+      raise ValueError(f"--prompt_file={_PROMPT_FILE.value} does not exist; give a readable text file.")
+    with open(_PROMPT_FILE.value, encoding="utf-8") as f:
+      prompt = f.read()
+  _, model_cfg, params, tok, step = checkpoint.load_run(_WORKDIR.value, _CHECKPOINT.value)
+  tokenizer_lib.encode(tok, prompt)  # refuses characters a char tokenizer has never seen, naming them
+  texts = sampling.sample_text(
+      params, model_cfg, tok, [prompt] * _NUM.value, max_new_tokens=_MAX_NEW.value,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  for i, text in enumerate(texts):
+    print(f"--- sample {i + 1} of {len(texts)} (step {step}) ---")
+    print(prompt + text)
+  print("---")
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: cli.run(main, argv))
