@@ -235,6 +235,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
   if lead:
     save_config(config, os.path.join(workdir, "config.json"))
 
+  if model_cfg.pos_encoding == "learned" and t.seq_len < model_cfg.max_len:
+    log(f"warning: train.seq_len {t.seq_len} < model.max_len {model_cfg.max_len}: learned positions past "
+        f"{t.seq_len} are never trained, and samples longer than that degrade.")
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
   schedule = optim.schedule(config.optim, t.steps)
