@@ -80,3 +80,22 @@ def test_train_resumes_in_the_same_workdir(trained):
                f"--config.data.cache_dir={tmp / 'cache'}", *MICRO)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "resumed from step 3" in out.stdout and "done: 5 steps" in out.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / "run"
+  args = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--workdir={workdir}",
+          "--config.train.steps=100000", f"--config.data.cache_dir={tmp_path / 'cache'}", *MICRO]
+  proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  deadline = time.time() + 300
+  metrics_path = workdir / "metrics.jsonl"
+  while time.time() < deadline and not (metrics_path.exists() and metrics_path.read_text().count("train/loss") >= 5):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  assert "(signal 15)" in out
+  steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+  assert steps and max(steps) >= 5

@@ -242,3 +242,13 @@ def test_mesh_errors():
   c.mesh.data, c.mesh.tensor = -1, 3
   with pytest.raises(ConfigError, match="does not divide the 1 devices"):
     train.sharding.make_mesh(c.mesh)
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(cache, tmp_path):
+  # A learning rate so small the parameters cannot move: every evaluation ties the first.
+  c = micro_config(cache, steps=20, eval_every=2, early_stopping_patience=2)
+  c.optim.update(dict(lr=1e-30, warmup_steps=0, schedule="constant"))
+  summary = run(c, tmp_path / "w")
+  assert summary["step"] == 6 and summary["stopped"].startswith("early stopping"), summary
+  assert checkpoint.has_checkpoints(str(tmp_path / "w"))
+  assert sorted(os.listdir(tmp_path / "w" / "best")) == ["2"]  # the best stays the first evaluation
