@@ -98,7 +98,7 @@ def eval_step(params, batch, *, model):
 
 def evaluate(eval_fn: Callable, params, batches: list) -> float:
   """Mean loss per scored token over fixed batches; one host sync at the end."""
-  sums = [eval_fn(params, b) for b in batches]
+  sums = jax.device_get([eval_fn(params, b) for b in batches])  # all dispatched, then one fetch
   loss_sum = sum(float(s) for s, _ in sums)
   count = sum(float(c) for _, c in sums)
   return loss_sum / max(count, 1.0)
