@@ -98,24 +98,35 @@ def test_loss_falls_well_below_log_v_on_stories(cache, tmp_path):
   c.train.seq_len = 64
   c.train.batch_size = 16
   summary = run(c, tmp_path / "w")
-  V = summary["num_params"] and model_lib.model_config(
-      config_lib.load_config_json(str(tmp_path / "w" / "config.json")).model).vocab_size
+  V = config_lib.load_config_json(str(tmp_path / "w" / "config.json")).model.vocab_size
   assert summary["eval/loss"] < 0.6 * math.log(V), summary
   assert summary["entropy_floor"] is not None and 0 < summary["entropy_floor"] < summary["eval/loss"]
 
 
-def test_overfits_one_batch():
-  cfg = model_lib.model_config(config_lib.base_config().model.copy_and_resolve_references(), 64)
-  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "num_layers": 2, "embed_dim": 64, "num_heads": 4, "max_len": 32})
+def compiled_step(steps, optim_overrides=None, **model_overrides):
+  """(jit'd train step, a function making a fresh state) for a micro model on one device."""
+  m = config_lib.base_config().model
+  m.update(dict(vocab_size=64, **model_overrides))
+  cfg = model_lib.model_config(m)
   c = config_lib.base_config()
-  c.optim.update(dict(lr=1e-2, warmup_steps=10, weight_decay=0.0))
-  tx = optim.make_optimizer(c.optim, 200)
+  c.optim.update(optim_overrides or {})
+  tx = optim.make_optimizer(c.optim, steps)
   mesh = train.sharding.make_mesh(c.mesh)
   _, shardings = train.state_shardings(cfg, tx, mesh)
-  step_fn, _ = train.compile_steps(cfg, tx, optim.schedule(c.optim, 200), shardings, mesh, True)
-  state = train.init_state(cfg, tx, shardings, 0)
-  rng = np.random.default_rng(0)
-  window = rng.integers(0, 60, size=(1, 8, 33))
+  step_fn, _ = train.compile_steps(cfg, tx, optim.schedule(c.optim, steps), shardings, mesh, True)
+  return step_fn, lambda: train.init_state(cfg, tx, shardings, 0)
+
+
+@pytest.fixture(scope="module")
+def one_layer():
+  return compiled_step(10, num_layers=1, embed_dim=32, num_heads=2, max_len=16)
+
+
+def test_overfits_one_batch():
+  step_fn, fresh = compiled_step(200, dict(lr=1e-2, warmup_steps=10, weight_decay=0.0),
+                                 num_layers=2, embed_dim=64, num_heads=4, max_len=32)
+  state = fresh()
+  window = np.random.default_rng(0).integers(0, 60, size=(1, 8, 33))
   batch = {"inputs": window[..., :-1].astype(np.int32), "targets": window[..., 1:].astype(np.int32),
            "weights": np.ones((1, 8, 32), np.float32)}
   for _ in range(200):
@@ -123,36 +134,23 @@ def test_overfits_one_batch():
   assert float(m["train/loss"]) < 0.05
 
 
-def test_accumulation_equals_large_batch_step():
-  cfg = model_lib.model_config(config_lib.base_config().model, 64)
-  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "num_layers": 1, "embed_dim": 32, "num_heads": 2, "max_len": 16})
-  c = config_lib.base_config()
-  tx = optim.make_optimizer(c.optim, 10)
-  mesh = train.sharding.make_mesh(c.mesh)
-  _, shardings = train.state_shardings(cfg, tx, mesh)
-  step_fn, _ = train.compile_steps(cfg, tx, optim.schedule(c.optim, 10), shardings, mesh, True)
-  rng = np.random.default_rng(1)
-  w = rng.integers(0, 64, size=(8, 17))
+def test_accumulation_equals_large_batch_step(one_layer):
+  step_fn, fresh = one_layer
+  w = np.random.default_rng(1).integers(0, 64, size=(8, 17))
   big = {"inputs": w[None, :, :-1].astype(np.int32), "targets": w[None, :, 1:].astype(np.int32),
          "weights": np.ones((1, 8, 16), np.float32)}
   acc = {k: v.reshape(4, 2, 16) for k, v in big.items()}
-  s1, m1 = step_fn(train.init_state(cfg, tx, shardings, 0), big)
-  s2, m2 = step_fn(train.init_state(cfg, tx, shardings, 0), acc)
+  s1, m1 = step_fn(fresh(), big)
+  s2, m2 = step_fn(fresh(), acc)
   np.testing.assert_allclose(m1["train/loss"], m2["train/loss"], rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_nonfinite_step_is_skipped_and_stop_mode_stops(cache, tmp_path):
-  cfg = model_lib.model_config(config_lib.base_config().model, 64)
-  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "num_layers": 1, "embed_dim": 32, "num_heads": 2, "max_len": 16})
-  c = config_lib.base_config()
-  tx = optim.make_optimizer(c.optim, 10)
-  mesh = train.sharding.make_mesh(c.mesh)
-  _, shardings = train.state_shardings(cfg, tx, mesh)
-  step_fn, _ = train.compile_steps(cfg, tx, optim.schedule(c.optim, 10), shardings, mesh, True)
-  state = train.init_state(cfg, tx, shardings, 0)
+def test_nonfinite_step_is_skipped_and_stop_mode_stops(cache, tmp_path, one_layer):
+  step_fn, fresh = one_layer
+  state = fresh()
   before = jax.device_get(state.params)
   batch = {"inputs": np.zeros((1, 2, 16), np.int32), "targets": np.zeros((1, 2, 16), np.int32),
            "weights": np.full((1, 2, 16), np.nan, np.float32)}  # a NaN loss
