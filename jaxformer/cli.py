@@ -7,7 +7,7 @@ from jaxformer.config import ConfigError
 from jaxformer.data import DataError
 from jaxformer.train import TrainingError
 
-CLEAR_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError)
+CLEAR_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ValueError, OSError)
 
 
 def run(main, *args, **kwargs):

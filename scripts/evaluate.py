@@ -1,0 +1,38 @@
+"""Evaluate a trained run's checkpoint; prints one JSON object.
+
+python scripts/evaluate.py --workdir=DIR [--checkpoint=best|latest|STEP] [--config.data.KEY=VALUE ...]
+                           [--config.train.batch_size=B] [--config.train.seq_len=T]
+With no --config flags it scores the run's own validation batches; --config.data.*
+evaluates on another corpus with the run's tokenizer.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxformer import cli, evaluate
+from jaxformer.config import base_config
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run folder to evaluate.", required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+# Only the fields given on the command line are used; the rest come from the run's config.json.
+_CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides: --config.data.*, "
+                                          "--config.train.batch_size, --config.train.seq_len.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every restore
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  result = evaluate.evaluate_run(_WORKDIR.value, _CHECKPOINT.value, overrides)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: cli.run(main, argv))

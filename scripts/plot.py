@@ -1,0 +1,82 @@
+"""Figures as PNG files: losses of runs, the LR schedule, attention weights, positional encodings.
+
+python scripts/plot.py loss      --workdir=RUN [--workdir=RUN2 ...] [--x=step|tokens|time] [--log_y]
+python scripts/plot.py lr        (--workdir=RUN | --config=FILE [--config.KEY=VALUE ...])
+python scripts/plot.py attention --workdir=RUN [--prompt=TEXT] [--checkpoint=best|latest|STEP]
+python scripts/plot.py positions (--workdir=RUN | --config=FILE)
+Every command takes --out=FILE.png (default: RUN/plots/<command>.png, or plots/<command>.png).
+A --workdir may be a glob ('runs/sweeps/lr_warmup/*').
+"""
+
+import glob
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxformer import cli, plots
+from jaxformer import config as config_lib
+
+COMMANDS = ("loss", "lr", "attention", "positions")
+_WORKDIR = flags.DEFINE_multi_string("workdir", [], "Run folder(s); repeat the flag or use a glob for several.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file, instead of a run folder (lr, positions).")
+_X = flags.DEFINE_enum("x", "step", plots.X_AXES, "loss: the x axis.")
+_LOG_Y = flags.DEFINE_bool("log_y", False, "loss: a logarithmic y axis.")
+_PROMPT = flags.DEFINE_string("prompt", "Sam was a gentle boy who lived in a quiet town.",
+                              "attention: the text to look at.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "attention: best, latest or a step number.")
+_OUT = flags.DEFINE_string("out", "", "The PNG to write.")
+
+
+def run_dirs() -> list[str]:
+  dirs = []
+  for pattern in _WORKDIR.value:
+    matches = sorted(glob.glob(pattern)) or [pattern]
+    # A glob over a sweep folder also matches results.md and such: keep run folders only.
+    dirs += [d for d in matches if os.path.isfile(os.path.join(d, "config.json"))] if len(matches) > 1 else matches
+  return dirs
+
+
+def run_config(command: str):
+  """The config of --workdir (its config.json) or of --config."""
+  dirs = run_dirs()
+  if dirs:
+    return config_lib.load_config_json(os.path.join(dirs[0], "config.json"))
+  if _CONFIG.value is None:
+    raise ValueError(f"plot.py {command} needs --workdir=RUN or --config=FILE.")
+  return _CONFIG.value
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"give one command: {' | '.join(COMMANDS)} (e.g. scripts/plot.py loss --workdir=runs/default)")
+  command = argv[1]
+  logging.set_verbosity(logging.ERROR)  # JAX and Orbax log at INFO
+  if not plots.available():
+    raise ValueError(plots.MISSING)
+  dirs = run_dirs()
+  out = _OUT.value or os.path.join(dirs[0] if len(dirs) == 1 else "", "plots", f"{command}.png")
+  if command == "loss":
+    if not dirs:
+      raise ValueError("plot.py loss needs at least one --workdir=RUN.")
+    path = plots.plot_losses(dirs, out, x=_X.value, log_y=_LOG_Y.value)
+  elif command == "lr":
+    config = run_config(command)
+    path = plots.plot_schedule(config.optim, config.train.steps, out)
+  elif command == "positions":
+    m = run_config(command).model
+    path = plots.plot_positions(m.max_len, m.embed_dim, out)
+  else:
+    if len(dirs) != 1:
+      raise ValueError("plot.py attention needs exactly one --workdir=RUN.")
+    weights, labels = plots.prompt_attention(dirs[0], _PROMPT.value, _CHECKPOINT.value)
+    path = plots.plot_attention(weights, labels, out, title=f"{dirs[0]}: attention for {_PROMPT.value!r}")
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  flags.FLAGS.set_gnu_getopt(True)  # flags may follow the command: plot.py loss --workdir=...
+  app.run(lambda argv: cli.run(main, argv))
