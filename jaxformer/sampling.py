@@ -118,9 +118,19 @@ def sample_logits(keys: jax.Array, logits: jax.Array, *, temperature, top_k, top
   return jnp.where(greedy[:, 0], jnp.argmax(processed, axis=-1), sampled).astype(jnp.int32)
 
 
-def decode_loop(logits_fn: Callable[[jax.Array], jax.Array], tokens: jax.Array,
+def window_buckets(window: int, smallest: int = 32) -> tuple[int, ...]:
+  """Static window lengths below `window` for texts still shorter than it: 32, 64, 128, ..."""
+  out, b = [], smallest
+  while b < window:
+    out.append(b)
+    b *= 2
+  return tuple(out)
+
+
+def decode_loop(logits_fn: Callable[..., jax.Array], tokens: jax.Array,
                 prompt_lens: jax.Array, keys: jax.Array, *, window: int, max_new_tokens,
-                temperature, top_k, top_p, eos_id, valid_vocab):
+                temperature, top_k, top_p, eos_id, valid_vocab, logits_at: bool = False,
+                buckets: Sequence[int] = ()):
   """The generation loop for any causal `logits_fn`: (B, T) ids -> (B, T, V) logits.
 
   tokens: (B, L) with row b's prompt in [0, prompt_lens[b]). Each step feeds
@@ -130,12 +140,24 @@ def decode_loop(logits_fn: Callable[[jax.Array], jax.Array], tokens: jax.Array,
   buffer is full. The id at position i is drawn with fold_in(keys[b], i), so a
   row's ids never depend on the other rows.
 
+  With `logits_at`, logits_fn(ids, positions) returns only the (B, V) logits at
+  positions (B,). `buckets` (static lengths below the window) let a step whose
+  rows are all shorter than a bucket run only that bucket's first positions:
+  by causality those logits do not depend on the ids after them.
+
   Returns (tokens (B, L), lengths (B,)).
   """
   B, L = tokens.shape
   W = min(window, L)
+  buckets = tuple(sorted(b for b in set(buckets) if 0 < b < W)) + (W,)
   rows = jnp.arange(B)
   prompt_lens = prompt_lens.astype(jnp.int32)
+
+  def last_logits(windows, last):  # (B, T) ids, (B,) positions -> (B, V)
+    if logits_at:
+      return logits_fn(windows, last)
+    logits = logits_fn(windows)  # (B, T, V); causal, so ids after the last one don't matter
+    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
 
   def cond(state):
     _, _, done = state
@@ -145,10 +167,20 @@ def decode_loop(logits_fn: Callable[[jax.Array], jax.Array], tokens: jax.Array,
     tokens, lengths, done = state
     starts = jnp.maximum(lengths - W, 0)  # (B,); the window slides once a row outgrows it
     windows = jax.vmap(lambda row, s: lax.dynamic_slice(row, (s,), (W,)))(tokens, starts)
-    logits = logits_fn(windows)  # (B, W, V); causal, so ids after the last one don't matter
-    last = jnp.take_along_axis(logits, (lengths - 1 - starts)[:, None, None], axis=1)[:, 0]
+    last = lengths - 1 - starts
+    if len(buckets) == 1:
+      logits = last_logits(windows, last)
+    else:
+      # The smallest bucket holding every unfinished row's last position; rows that
+      # outgrew a bucket have started=0 there, so a prefix of the window is their text.
+      need = jnp.max(jnp.where(done, 0, last + 1))
+      index = jnp.sum(need > jnp.asarray(buckets[:-1]))
+      # Finished rows may sit past a bucket: clamp them (their ids are never written).
+      branches = [functools.partial(lambda n, w, p: last_logits(w[:, :n], jnp.minimum(p, n - 1)), n)
+                  for n in buckets]
+      logits = lax.switch(index, branches, windows, last)
     step_keys = jax.vmap(jax.random.fold_in)(keys, lengths)
-    next_ids = sample_logits(step_keys, last, temperature=temperature, top_k=top_k,
+    next_ids = sample_logits(step_keys, logits, temperature=temperature, top_k=top_k,
                              top_p=top_p, valid_vocab=valid_vocab)  # (B,)
     write = ~done
     # Finished rows aim at index L, which mode="drop" ignores.
@@ -166,10 +198,12 @@ def decode_loop(logits_fn: Callable[[jax.Array], jax.Array], tokens: jax.Array,
 def _generate(params, model_cfg, tokens, prompt_lens, keys, max_new_tokens, temperature, top_k,
               top_p, eos_id, valid_vocab):
   module = model_lib.Transformer(model_cfg)
-  logits_fn = lambda x: module.apply({"params": params}, x)
+  # Only the last position's logits, and only the bucket of positions the text fills.
+  logits_fn = lambda x, at: module.apply({"params": params}, x, logits_at=at)
   return decode_loop(logits_fn, tokens, prompt_lens, keys, window=model_cfg.max_len,
                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                     top_p=top_p, eos_id=eos_id, valid_vocab=valid_vocab)
+                     top_p=top_p, eos_id=eos_id, valid_vocab=valid_vocab, logits_at=True,
+                     buckets=window_buckets(model_cfg.max_len))
 
 
 def _generate_args(params, model_cfg, prompts, prompt_lens, keys, max_new_tokens, temperature,

@@ -50,6 +50,34 @@ def cross_entropy(logits, batch):
   return jnp.sum(ce * w) / jnp.maximum(total, 1.0), total
 
 
+def row_groups(grad_fn: Callable, groups: int) -> Callable:
+  """grad_fn over a micro-batch's rows in `groups` sequential groups, gradients summed.
+
+  Group g takes rows g, g + groups, ... (so a batch split over devices stays split).
+  Each group's loss and gradient count by its share of the token weights, which
+  gives the whole micro-batch's weighted mean up to rounding; dropout draws per group.
+  """
+  if groups == 1:
+    return grad_fn
+
+  def grouped(params, micro, rng):
+    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // groups, groups, *x.shape[1:]), 0, 1)
+    parts = jax.tree_util.tree_map(split, micro)  # (groups, B / groups, T)
+    weights = jnp.sum(parts["weights"].reshape(groups, -1), axis=1)
+    share = weights / jnp.maximum(jnp.sum(weights), 1.0)
+
+    def accumulate(carry, part_share_index):
+      part, s, i = part_share_index
+      loss, grads = grad_fn(params, part, jax.random.fold_in(rng, i))
+      return jax.tree_util.tree_map(lambda c, x: c + s * x, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+    out, _ = jax.lax.scan(accumulate, zeros, (parts, share, jnp.arange(groups)))
+    return out
+
+  return grouped
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, skip_nonfinite: bool = True):
   """One optimizer step; `batch` arrays are (A, B, T): A micro-batches accumulated in a scan.
 
@@ -62,7 +90,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, skip_nonf
     logits = model.apply({"params": params}, micro["inputs"], train=True, rngs={"dropout": rng})
     return cross_entropy(logits, micro)[0]
 
-  grad_fn = jax.value_and_grad(loss_fn)
+  grad_fn = row_groups(jax.value_and_grad(loss_fn),
+                       model_lib.train_row_groups(model.cfg, batch["inputs"].shape[1]))
   num_micro = batch["inputs"].shape[0]
   if num_micro == 1:
     loss, grads = grad_fn(state.params, jax.tree_util.tree_map(lambda x: x[0], batch), dropout_rng)

@@ -1,0 +1,156 @@
+"""Training and generation throughput of a config, as one JSON-able dict.
+
+The train step is the real one (`train.state_shardings`, `init_state`,
+`compile_steps`) on random tokens, so no data pipeline is timed. MFU is
+`model.flops_per_token` (6N + 12·L·T·C per token) times tokens/s over the
+device's peak: a data-sheet figure for known accelerators, or on CPU a large
+float32 matmul measured in this same process.
+"""
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformer import allocator
+from jaxformer import metrics as metrics_lib
+from jaxformer import model as model_lib
+from jaxformer import optim
+from jaxformer import sampling
+from jaxformer import sharding
+from jaxformer import train
+
+# The built-in stories corpus with the char tokenizer: 64 ids once padded.
+STORIES_CHAR_VOCAB = 64
+# 2048² underestimates this kind of CPU's float32 peak; 4096² is near the practical one.
+CPU_PEAK_MATMUL = 4096
+
+
+def peak_rss_mb() -> float:
+  """The process's peak resident set so far, in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+def device_peak_flops(matmul_n: int = CPU_PEAK_MATMUL, repeats: int = 5) -> tuple[float, str]:
+  """(peak FLOP/s of one device, its source): the table for accelerators, measured on CPU."""
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    return metrics_lib.peak_flops(device)
+  flops = metrics_lib.measure_matmul_flops(matmul_n, jnp.float32, repeats)
+  return flops, f"measured:f32 matmul {matmul_n}"
+
+
+def random_batch(vocab: int, batch_size: int, seq_len: int, seed: int = 0) -> dict:
+  """One (1, B, T) micro-batch of random ids, every target scored."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, vocab, size=(1, batch_size, seq_len + 1), dtype=np.int32)
+  return {"inputs": ids[..., :-1], "targets": ids[..., 1:],
+          "weights": np.ones((1, batch_size, seq_len), np.float32)}
+
+
+def benchmark_train(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
+                    log: Callable = lambda _: None) -> dict:
+  """Compiles and times the real train step; step times are per step, host-synchronised."""
+  t, m = config.train, config.model
+  model_cfg = model_lib.model_config(m, m.vocab_size or STORIES_CHAR_VOCAB)
+  B, T = t.batch_size, t.seq_len
+  mesh = sharding.make_mesh(config.mesh)
+  train.check_batch(config, mesh)
+  schedule = optim.schedule(config.optim, t.steps)
+  tx = optim.make_optimizer(config.optim, t.steps)
+  _, shardings = train.state_shardings(model_cfg, tx, mesh)
+  step_fn, _ = train.compile_steps(model_cfg, tx, schedule, shardings, mesh, skip_nonfinite=True)
+  state = train.init_state(model_cfg, tx, shardings, config.seed)
+  batch = sharding.global_batch(random_batch(model_cfg.vocab_size, B, T, config.seed),
+                                sharding.batch_sharding(mesh, 3))
+
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  log(f"train step compiled in {compile_s:.1f} s")
+  t0 = time.perf_counter()
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  first_step_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+
+  per_repeat = []
+  for r in range(repeats):
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+    per_repeat.append(times)
+    log(f"repeat {r + 1}/{repeats}: median step {1e3 * statistics.median(times):.1f} ms")
+  loss = float(metrics["train/loss"])
+  if not np.isfinite(loss):
+    raise RuntimeError(f"the benchmark's train loss is not finite ({loss}).")
+  all_times = [x for times in per_repeat for x in times]
+  step_s = statistics.median(all_times)
+  return {
+      "params": model_lib.num_params(model_cfg),
+      "flops_per_token": model_lib.flops_per_token(model_cfg, T),
+      "batch_size": B, "seq_len": T, "vocab_size": model_cfg.vocab_size,
+      "dtype": model_cfg.dtype, "attention": model_cfg.attention,
+      "activation": model_cfg.activation, "remat": model_cfg.remat,
+      "compile_s": compile_s, "first_step_s": first_step_s,
+      "step_ms_median": 1e3 * step_s,
+      "step_ms_repeat_medians": [1e3 * statistics.median(x) for x in per_repeat],
+      "step_ms_min": 1e3 * min(all_times),
+      "tokens_per_s": B * T / step_s,
+      "final_loss": loss,
+      "_model_cfg": model_cfg,
+  }
+
+
+def benchmark(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, generate: bool = True,
+              gen_batch_sizes=(1, 8), gen_prompt_len: int = 1, gen_new_tokens: int = 500,
+              gen_repeats: int = 3, peak_matmul_n: int = CPU_PEAK_MATMUL,
+              log: Callable = lambda _: None) -> dict:
+  """The whole benchmark of `config`: train step, peak FLOP/s, MFU, memory, generation."""
+  device = jax.devices()[0]
+  out = {"device": device.device_kind, "platform": device.platform,
+         "num_devices": jax.device_count(), "jax": jax.__version__,
+         "python": platform.python_version(), "malloc_thresholds_set": allocator.configure()}
+  tr = benchmark_train(config, steps=steps, warmup=warmup, repeats=repeats, log=log)
+  model_cfg = tr.pop("_model_cfg")
+  out.update(tr)
+  # Taken before the peak matmul and generation allocate: the training process's own peak.
+  out["peak_rss_train_mb"] = peak_rss_mb()
+  peak, source = device_peak_flops(peak_matmul_n)
+  out.update({"peak_flops": peak, "peak_source": source,
+              "mfu": metrics_lib.mfu(tr["tokens_per_s"], tr["flops_per_token"], peak,
+                                     jax.device_count())})
+  log(f"train: {tr['tokens_per_s']:.0f} tokens/s, MFU {out['mfu']:.1%} of {peak / 1e9:.0f} GFLOP/s")
+  if generate:
+    gen = {}
+    for gb in gen_batch_sizes:
+      g = sampling.benchmark_generation(model_cfg, gb, gen_prompt_len, gen_new_tokens,
+                                        repeats=gen_repeats, seed=config.seed)
+      gen[f"B{gb}"] = {k: g[k] for k in ("batch_size", "prompt_len", "new_tokens", "buffer_len",
+                                         "window", "compile_s", "first_run_s", "median_s",
+                                         "tokens_per_s", "ms_per_step")}
+      log(f"generation B={gb}: {g['tokens_per_s']:.0f} tokens/s (compiled in {g['compile_s']:.1f} s)")
+    out["generation"] = gen
+  out["peak_rss_mb"] = peak_rss_mb()
+  out["load_avg_1m"] = _load_average()
+  return out
+
+
+def _load_average() -> Optional[float]:
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return None
