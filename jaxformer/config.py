@@ -41,9 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.ln_eps = 1e-5             # GPT-2 / PyTorch; Flax's own default is 1e-6
   m.dtype = "float32"         # compute dtype
   m.param_dtype = "float32"   # parameters and optimizer state stay float32
-  # The dense layers' matmuls (projections, MLP, head): "" = the compute dtype; "bfloat16"
-  # takes bfloat16 operands and sums in float32 to a float32 result (2x faster on CPUs with
-  # AVX512-BF16), everything else staying in the compute dtype.
+  # Matmul operands: "" = the compute dtype; "bfloat16" rounds the operands of the dense
+  # layers' and blocked attention's matmuls to bfloat16 and sums in float32 (~2x faster
+  # matmuls on CPUs with AVX512-BF16); everything else stays in the compute dtype.
   m.matmul_dtype = ""
   m.remat = False             # recompute each block in the backward pass to save memory
   # The train step runs a batch as groups of this many rows, one after another, adding up
@@ -151,6 +151,10 @@ def validate_model(m) -> None:
         "or use model.attention='blocked' or 'plain'.")
   if m.micro_batch_rows < 0:
     raise ConfigError(f"model.micro_batch_rows must be >= 0 (0 = auto), got {m.micro_batch_rows}.")
+  if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
+    raise ConfigError(
+        f"model.attention='cudnn' runs in bfloat16 or float16 only; set model.dtype=bfloat16 "
+        f"(got {m.dtype!r}).")
   if m.sliding_window < 0:
     raise ConfigError(f"model.sliding_window must be >= 0 (0 = off), got {m.sliding_window}.")
   for name in ("dtype", "param_dtype"):

@@ -161,7 +161,6 @@ def apply_rope(x: jax.Array, base: float) -> jax.Array:
 # Query rows per block of "blocked" attention: small enough to skip most of the masked
 # upper triangle, large enough to keep each block's matmuls efficient (docs/performance.md).
 ATTENTION_BLOCK = 64
-ATTENTION_MIXED = True
 # Scores per chunk of rows in blocked attention (B·H·T² floats): ~4 MB stays in cache.
 ATTENTION_CHUNK_SCORES = 1 << 20
 
@@ -208,13 +207,13 @@ def blocked_attention_qkv(qkv, *, window: int, block: int, rope_base: Optional[f
   """Blocked causal attention of a fused projection: qkv (B, T, 3, H, D) -> (B, T, H, D).
 
   Each block of `block` queries is scored against its own key prefix only, so the
-  blocks above the diagonal (and before a sliding window) are skipped: about half
-  of plain attention's work at T=256. The backward pass recomputes the weights
-  from the saved log-sum-exp, one key block against the queries that see it,
-  instead of storing (B, H, T, T). Rows go through in chunks of `chunk_rows`
-  (default: `attention_chunk_rows`) so that one chunk's scores stay in cache.
-  With `rope_base`, q and k are rotated first, as `apply_rope` does. Matches
-  `plain_attention` (deterministic) to float32 rounding.
+  blocks above the diagonal (and before a sliding window) are skipped: 5/8 of
+  plain attention's work at T=256 with blocks of 64. The backward pass recomputes
+  the weights from the saved log-sum-exp, one key block against the queries that
+  see it, instead of storing (B, H, T, T). Rows go through in chunks of
+  `chunk_rows` (default: `attention_chunk_rows`) so one chunk's scores stay in
+  cache. With `rope_base`, q and k are rotated first, as `apply_rope` does.
+  Matches `plain_attention` (deterministic) to float32 rounding.
   """
   B, T, _, H, _ = qkv.shape
   rows = chunk_rows or attention_chunk_rows(B, H, T)
@@ -256,7 +255,9 @@ def _by_chunks(fn, rows: int, *xs, after=None):
 
 
 def attention_chunk_rows(B: int, H: int, T: int) -> int:
-  """Rows per chunk of blocked attention: about 2^20 scores (4 MB) at a time, dividing B."""
+  """Rows per chunk of blocked attention: on CPU about 2^20 scores (4 MB), dividing B."""
+  if jax.default_backend() != "cpu":
+    return B  # caches are not the point on accelerators
   rows = max(1, min(B, ATTENTION_CHUNK_SCORES // (H * T * T)))
   while B % rows or (rows < B and rows % jax.device_count()):
     rows -= 1
@@ -405,8 +406,8 @@ class CausalSelfAttention(nn.Module):
     if cfg.attention == "blocked" and query_at is None and not weight_dropout:
       # Takes the fused projection whole: one layout change for q, k and v together.
       rope = cfg.rope_base if cfg.pos_encoding == "rope" else None
-      if cfg.matmul_dtype and ATTENTION_MIXED:
-        qkv = qkv.astype(cfg.matmul_dtype)  # scores and softmax stay float32
+      if cfg.dot_general is not lax.dot_general:
+        qkv = qkv.astype(cfg.matmul_dtype)  # the mixed precision's operands; softmax stays float32
       y = blocked_attention_qkv(qkv, window=cfg.sliding_window, block=ATTENTION_BLOCK, rope_base=rope)
     else:
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, D)
@@ -421,8 +422,10 @@ class CausalSelfAttention(nn.Module):
         y = plain_attention(q, k, v, window=cfg.sliding_window, dropout_rate=cfg.attn_dropout,
                             dropout_rng=rng, deterministic=deterministic)
       else:
-        impl = "cudnn" if cfg.attention == "cudnn" else None
-        y = fused_attention(q, k, v, window=cfg.sliding_window, implementation=impl)
+        # Parameters do not depend on the kernel: init (and eval_shape) run without a GPU.
+        cudnn = cfg.attention == "cudnn" and not self.is_initializing()
+        y = fused_attention(q, k, v, window=cfg.sliding_window,
+                            implementation="cudnn" if cudnn else None)
     # Concatenate heads and project back: (B, T, H, D) -> (B, T, C).
     y = nn.DenseGeneral(
         features=cfg.embed_dim, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.cdtype,
@@ -441,11 +444,11 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU, x·Φ(x) = x/2·(1 + erf(x/√2)), without erfc.
 
-  XLA evaluates erf as a rational polynomial, which is cheap on CPU; the erfc of
-  `jax.nn.gelu(approximate=False)` costs an exp and branches. The two differ by
-  float32 rounding (at most ~2e-7 absolute, in the far negative tail). The
-  derivative Φ(x) + x·φ(x) is formed in the forward pass, so the backward pass
-  is one multiply.
+  XLA evaluates erf as a rational polynomial (~1e-7 accurate), which is cheap on
+  CPU; the erfc of `jax.nn.gelu(approximate=False)` costs an exp and branches.
+  The two agree to float32 rounding, except where GELU itself is below 1e-6
+  (x < -4.7), whose absolute error stays under 1e-6. The derivative is
+  Φ(x) + x·φ(x), with one exp.
   """
   return 0.5 * x * (1.0 + lax.erf(x * _SQRT_HALF))
 
@@ -548,8 +551,8 @@ def _after(x, g):
 def layer_norm_fn(x, scale, bias, eps: float):
   """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in float32.
 
-  `bias` may be None. The hand-written backward pass reads x once more instead
-  of XLA's several passes over the autodiff of the statistics.
+  `bias` may be None. The hand-written backward pass works from the saved
+  normalised x, in fewer passes than XLA's autodiff of the statistics.
   """
   return _layer_norm_fwd(x, scale, bias, eps)[0]
 

@@ -171,8 +171,8 @@ def decode_loop(logits_fn: Callable[..., jax.Array], tokens: jax.Array,
     if len(buckets) == 1:
       logits = last_logits(windows, last)
     else:
-      # The smallest bucket holding every unfinished row's last position; rows that
-      # outgrew a bucket have started=0 there, so a prefix of the window is their text.
+      # The smallest bucket holding every unfinished row's last position. A row shorter
+      # than the window starts at 0, so the window's first n ids are its text so far.
       need = jnp.max(jnp.where(done, 0, last + 1))
       index = jnp.sum(need > jnp.asarray(buckets[:-1]))
       # Finished rows may sit past a bucket: clamp them (their ids are never written).

@@ -25,7 +25,7 @@ def test_benchmark_reports_every_figure():
   assert (out["batch_size"], out["seq_len"], out["vocab_size"]) == (4, 32, 64)
   assert out["attention"] == "blocked" and out["dtype"] == "float32"
   assert out["tokens_per_s"] == 4 * 32 / (out["step_ms_median"] / 1e3)
-  assert out["peak_source"] == "measured:f32 matmul 256" and out["peak_flops"] > 1e8
+  assert out["peak_source"].startswith("measured:f32 matmul 256") and out["peak_flops"] > 1e8
   assert 0 < out["mfu"] < 1
   assert out["mfu"] == out["tokens_per_s"] * out["flops_per_token"] / out["peak_flops"]
   assert out["compile_s"] > 0 and 50 < out["peak_rss_train_mb"] <= out["peak_rss_mb"] < 1e5

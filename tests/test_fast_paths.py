@@ -15,7 +15,6 @@ from jaxformer import config as config_lib
 from jaxformer import model as M
 
 V, T = 64, 24
-PES = ("learned", "sinusoidal", "rope")
 
 
 def small_cfg(**overrides) -> M.ModelConfig:
@@ -39,8 +38,7 @@ def plain(q, k, v, window):
 
 
 @pytest.mark.parametrize("T_,block,window,rows", [
-    (24, 8, 0, None), (24, 5, 0, 1), (24, 64, 0, None), (23, 8, 6, 2), (24, 4, 3, None),
-    (17, 8, 1, 1), (24, 8, 30, 2)])
+    (24, 8, 0, None), (23, 5, 6, 2), (24, 64, 0, None), (17, 4, 1, 1), (24, 8, 30, 2)])
 def test_blocked_attention_matches_plain(T_, block, window, rows):
   B, H, D = 4, 3, 8
   q, k, v, g = (jax.random.normal(key, (B, T_, H, D)) for key in jax.random.split(jax.random.key(0), 4))
@@ -58,12 +56,11 @@ def _model_loss_and_grads(cfg, params, x):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("pe", PES)
-@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("pe,window", [("learned", 0), ("sinusoidal", 5), ("rope", 5), ("rope", 0)])
 def test_blocked_model_matches_plain_model(pe, window, monkeypatch):
   monkeypatch.setattr(M, "ATTENTION_BLOCK", 8)  # T=24: three query blocks, two skipped ones
-  ref_cfg = small_cfg(pos_encoding=pe, sliding_window=window, attention="plain")
-  cfg = small_cfg(pos_encoding=pe, sliding_window=window, attention="blocked")
+  ref_cfg = small_cfg(pos_encoding=pe, sliding_window=window, attention="plain", num_layers=1)
+  cfg = small_cfg(pos_encoding=pe, sliding_window=window, attention="blocked", num_layers=1)
   params = M.init_params(ref_cfg, jax.random.key(1))
   x = tokens(2)
   np.testing.assert_allclose(M.Transformer(cfg).apply({"params": params}, x),
@@ -108,6 +105,35 @@ def test_gelu_matches_jax_exact_gelu():
     assert float(M.gelu(jnp.float32(v))) == pytest.approx(0.5 * v * (1 + math.erf(v / math.sqrt(2))), abs=2e-7)
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_layer_norm_matches_flax(use_bias):
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(0), (3, 7, 16)) * 3 + 1
+  g = jax.random.normal(jax.random.key(1), (3, 7, 16))
+  ref = nn.LayerNorm(epsilon=1e-5, use_bias=use_bias, dtype=jnp.float32)
+  ours = M.LayerNorm(epsilon=1e-5, use_bias=use_bias)
+  params = ref.init(jax.random.key(2), x)["params"]
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+      nn.meta.unbox(ours.init(jax.random.key(2), x)["params"]))
+  params = jax.tree_util.tree_map(lambda p: p + 0.3, params)
+  grads = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x) * g), argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(ours.apply({"params": params}, x), ref.apply({"params": params}, x),
+                             rtol=1e-5, atol=1e-6)
+  assert_trees_close(grads(ours), grads(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_matmuls_stay_close_to_float32():
+  cfg, mixed = small_cfg(), small_cfg(matmul_dtype="bfloat16")
+  params = M.init_params(cfg, jax.random.key(3))
+  x = tokens(4)
+  (l1, g1), (l2, g2) = _model_loss_and_grads(cfg, params, x), _model_loss_and_grads(mixed, params, x)
+  np.testing.assert_allclose(l1, l2, rtol=1e-3)
+  assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(g2))
+  assert_trees_close(g1, g2, rtol=0.1, atol=2e-3)
+  with pytest.raises(config_lib.ConfigError, match="model.matmul_dtype must be"):
+    small_cfg(matmul_dtype="int8")
+
+
 def test_gelu_model_matches_jax_gelu_model(monkeypatch):
   cfg = small_cfg()
   params = M.init_params(cfg, jax.random.key(0))
@@ -131,36 +157,30 @@ def test_logits_at_equals_full_logits(pe, window):
   np.testing.assert_allclose(last, full[jnp.arange(4), at], rtol=1e-5, atol=1e-5)
 
 
-def test_row_groups_give_the_whole_batch_step():
+def test_row_groups_give_the_whole_batch_gradient():
   from jaxformer import optim, train
-  c = config_lib.base_config()
-  c.optim.warmup_steps = 0
-  tx, schedule = optim.make_optimizer(c.optim, 10), optim.schedule(c.optim, 10)
+  cfg = small_cfg(num_layers=1, micro_batch_rows=2)
+  assert M.train_row_groups(cfg, 8) == 4
+  assert M.train_row_groups(small_cfg(micro_batch_rows=3), 8) == 2  # the count divides B
+  params = M.init_params(cfg, jax.random.key(12))
   x = tokens(11, B=8, length=T + 1)
   weights = jnp.ones((8, T)).at[5, 3:].set(0.0)  # unequal weights: groups count by their share
-  batch = {"inputs": x[None, :, :-1], "targets": x[None, :, 1:], "weights": weights[None]}
-  out = []
-  for rows in (8, 2):  # one group of 8 rows; four groups of 2
-    cfg = small_cfg(micro_batch_rows=rows)
-    params = M.init_params(cfg, jax.random.key(12))
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                             rng=jax.random.PRNGKey(0))
-    step = jax.jit(lambda s, b: train.train_step(s, b, model=M.Transformer(cfg), tx=tx, schedule=schedule))
-    out.append(step(state, batch))
-  assert M.train_row_groups(small_cfg(micro_batch_rows=2), 8) == 4
-  assert M.train_row_groups(small_cfg(micro_batch_rows=3), 8) == 2  # divides B
-  np.testing.assert_allclose(out[0][1]["train/loss"], out[1][1]["train/loss"], rtol=1e-6)
-  np.testing.assert_allclose(out[0][1]["grad_norm"], out[1][1]["grad_norm"], rtol=1e-5)
-  # The gradients themselves (Adam's first update is ~lr·sign(g), too coarse to compare).
-  cfg = small_cfg()
-  params = M.init_params(cfg, jax.random.key(12))
-  micro = jax.tree_util.tree_map(lambda a: a[0], batch)
+  micro = {"inputs": x[:, :-1], "targets": x[:, 1:], "weights": weights}
   grad_fn = jax.value_and_grad(
       lambda p, m, r: train.cross_entropy(M.Transformer(cfg).apply({"params": p}, m["inputs"]), m)[0])
   whole = jax.jit(grad_fn)(params, micro, jax.random.key(0))
   grouped = jax.jit(train.row_groups(grad_fn, 4))(params, micro, jax.random.key(0))
   np.testing.assert_allclose(whole[0], grouped[0], rtol=1e-6)
   assert_trees_close(whole[1], grouped[1], rtol=1e-4, atol=1e-7)
+  # The train step runs them: its loss is the whole batch's.
+  c = config_lib.base_config()
+  tx, schedule = optim.make_optimizer(c.optim, 10), optim.schedule(c.optim, 10)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                           rng=jax.random.PRNGKey(0))
+  _, metrics = jax.jit(lambda s, b: train.train_step(s, b, model=M.Transformer(cfg), tx=tx,
+                                                     schedule=schedule))(
+      state, jax.tree_util.tree_map(lambda a: a[None], micro))
+  np.testing.assert_allclose(metrics["train/loss"], whole[0], rtol=1e-6)
 
 
 def test_bucketed_loop_equals_full_window_loop():
@@ -183,3 +203,34 @@ def test_bucketed_loop_equals_full_window_loop():
   np.testing.assert_array_equal(l1, l2)
   np.testing.assert_array_equal(t1, t2)
   assert sampling.window_buckets(256) == (32, 64, 128) and sampling.window_buckets(32) == ()
+
+
+def test_gpt2_cudnn_bfloat16_path_up_to_the_kernel(monkeypatch):
+  """GPT-2 at T=1024, bfloat16, cuDNN attention: everything but the GPU kernel, on CPU."""
+  import importlib
+  c = importlib.import_module("configs.gpt2").get_config()
+  c.model.update(dict(attention="cudnn", dtype="bfloat16"))
+  config_lib.validate(c)
+  cfg = M.model_config(c.model)
+  params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))  # no cuDNN needed
+  assert M.count_params(params) == M.num_params(cfg) == 124_439_808
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def recording(q, k, v, **kw):  # the XLA kernel stands in for cuDNN, which needs a GPU
+    calls.append((q.shape, q.dtype, kw["implementation"], kw["is_causal"]))
+    return real(q, k, v, **{**kw, "implementation": None})
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  x = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+  out = jax.eval_shape(lambda p, x: M.Transformer(cfg).apply({"params": p}, x), params, x)
+  assert out.shape == (1, 1024, 50257) and out.dtype == jnp.float32
+  assert calls == [((1, 1024, 12, 64), jnp.bfloat16, "cudnn", True)] * 12
+  with pytest.raises(config_lib.ConfigError, match="bfloat16 or float16"):
+    M.model_config(_with(c.model, dtype="float32"))
+
+
+def _with(model_cfg, **overrides):
+  m = model_cfg.copy_and_resolve_references()
+  m.update(overrides)
+  return m
