@@ -7,7 +7,6 @@ device's peak: a data-sheet figure for known accelerators, or on CPU a large
 float32 matmul measured in this same process.
 """
 
-import math
 import os
 import platform
 import resource
@@ -49,15 +48,8 @@ def device_peak_flops(matmul_n: int = CPU_PEAK_MATMUL, repeats: int = 5) -> tupl
   device = jax.devices()[0]
   if device.platform != "cpu":
     return metrics_lib.peak_flops(device)
-  a = jnp.ones((matmul_n, matmul_n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = math.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * matmul_n ** 3 / best, f"measured:f32 matmul {matmul_n}, best of {repeats}"
+  flops = metrics_lib.measure_matmul_flops(matmul_n, jnp.float32, repeats)
+  return flops, f"measured:f32 matmul {matmul_n}, best of {repeats}"
 
 
 def random_batch(vocab: int, batch_size: int, seq_len: int, seed: int = 0) -> dict:
