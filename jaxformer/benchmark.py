@@ -146,8 +146,13 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, gen
                                         repeats=gen_repeats, seed=config.seed)
       gen[f"B{gb}"] = {k: g[k] for k in ("batch_size", "prompt_len", "new_tokens", "buffer_len",
                                          "window", "compile_s", "first_run_s", "median_s",
-                                         "tokens_per_s", "ms_per_step")}
-      log(f"generation B={gb}: {g['tokens_per_s']:.0f} tokens/s (compiled in {g['compile_s']:.1f} s)")
+                                         "tokens_per_s", "ms_per_step", "flops_per_token")}
+      gen[f"B{gb}"]["mfu"] = g["flops_per_s"] / (peak * jax.device_count())
+      log(f"generation B={gb}: {g['tokens_per_s']:.0f} tokens/s, MFU {gen[f'B{gb}']['mfu']:.1%} "
+          f"(compiled in {g['compile_s']:.1f} s)")
+    # Even at the full peak, B>1 can only gain what B=1 leaves idle: peak / B=1's FLOP/s.
+    if "B1" in gen:
+      gen["max_speedup_over_B1"] = 1.0 / gen["B1"]["mfu"]
     out["generation"] = gen
   out["peak_rss_mb"] = peak_rss_mb()
   out["load_avg_1m"] = _load_average()

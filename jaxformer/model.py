@@ -723,6 +723,26 @@ def num_params(cfg: ModelConfig) -> int:
   return total
 
 
+def forward_flops(cfg: ModelConfig, T: int, last_only: bool = False) -> float:
+  """Matmul FLOPs of one row's forward over T positions, as this model computes them.
+
+  Blocked attention counts the (query, key) pairs of the blocks it computes, the
+  other kernels all T². With `last_only` (`logits_at`), the last block computes
+  keys and values at every position but its query, MLP and the head at one.
+  """
+  C, L, V, F = cfg.embed_dim, cfg.num_layers, cfg.vocab_size, cfg.mlp_ratio * cfg.embed_dim
+  per_position = 2 * (4 * C * C + 2 * C * F)  # qkv, output projection, MLP
+  if cfg.attention == "blocked":
+    pairs = sum((qe - qs) * (qe - ks) for qs, qe, ks in _query_blocks(T, ATTENTION_BLOCK, cfg.sliding_window))
+  else:
+    pairs = T * T
+  layer = T * per_position + 4 * C * pairs  # scores and weighted values: 2·D·H per pair each
+  if not last_only:
+    return L * layer + T * 2 * C * V
+  last = T * 4 * C * C + 2 * (2 * C * C + 2 * C * F) + 4 * C * T  # k, v; q, out, MLP; one query
+  return (L - 1) * layer + last + 2 * C * V
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token: 6N for the matmuls plus 12·L·T·C for attention (PaLM appendix B).
 

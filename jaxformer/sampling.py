@@ -334,6 +334,22 @@ def sample_text(params, model_cfg: model_lib.ModelConfig, tokenizer, prompts: Se
   return decode_rows(tokenizer, tokens, prompt_lens, lengths, eos_id)
 
 
+def decode_flops(model_cfg: model_lib.ModelConfig, prompt_len: int, new_tokens: int,
+                 buffer_len: int) -> float:
+  """Matmul FLOPs per row of `_generate` writing `new_tokens` after `prompt_len`.
+
+  Each step runs the smallest bucket holding the text (the window once it is full),
+  the last position's logits only.
+  """
+  W = min(model_cfg.max_len, buffer_len)
+  buckets = tuple(b for b in window_buckets(model_cfg.max_len) if b < W) + (W,)
+  total = 0.0
+  for n in range(prompt_len, prompt_len + new_tokens):  # n ids so far
+    positions = next(b for b in buckets if b >= min(n, W))
+    total += model_lib.forward_flops(model_cfg, positions, last_only=True)
+  return total
+
+
 def benchmark_generation(model_cfg: model_lib.ModelConfig, batch_size: int, prompt_len: int,
                          new_tokens: int, repeats: int = 3, seed: int = 0) -> dict:
   """Times `generate` on random weights: compile seconds apart from run tokens/s.
@@ -371,4 +387,7 @@ def benchmark_generation(model_cfg: model_lib.ModelConfig, batch_size: int, prom
       "run_s": times,
       "median_s": median, "tokens_per_s": B * new_tokens / median,
       "ms_per_step": 1000.0 * median / new_tokens, "device": str(jax.devices()[0].platform),
+      # The work the loop must do per new token (see decode_flops), and at what rate.
+      "flops_per_token": decode_flops(model_cfg, prompt_len, new_tokens, L) / new_tokens,
+      "flops_per_s": B * decode_flops(model_cfg, prompt_len, new_tokens, L) / median,
   }

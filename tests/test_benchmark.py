@@ -2,8 +2,14 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
+import pytest
+
 from jaxformer import benchmark
 from jaxformer import config as config_lib
+from jaxformer import model as M
+from jaxformer import sampling
 
 
 def micro_config():
@@ -30,14 +36,47 @@ def test_benchmark_reports_every_figure():
   assert out["mfu"] == out["tokens_per_s"] * out["flops_per_token"] / out["peak_flops"]
   assert out["compile_s"] > 0 and 50 < out["peak_rss_train_mb"] <= out["peak_rss_mb"] < 1e5
   gen = out["generation"]
-  assert set(gen) == {"B1", "B2"}
+  assert set(gen) == {"B1", "B2", "max_speedup_over_B1"}
   for name, b in (("B1", 1), ("B2", 2)):
     g = gen[name]
     assert g["batch_size"] == b and g["new_tokens"] == 8 and g["compile_s"] > 0
-    assert g["tokens_per_s"] > 0
+    assert g["tokens_per_s"] > 0 and g["flops_per_token"] == gen["B1"]["flops_per_token"]
+    assert g["mfu"] == pytest.approx(g["tokens_per_s"] * g["flops_per_token"] / out["peak_flops"])
+  assert gen["max_speedup_over_B1"] == 1 / gen["B1"]["mfu"]
 
 
 def test_benchmark_without_generation():
   out = benchmark.benchmark(micro_config(), steps=1, warmup=0, repeats=1, generate=False,
                             peak_matmul_n=128)
   assert "generation" not in out and out["tokens_per_s"] > 0
+
+
+def _xla_flops(fn, *args) -> float:
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+
+@pytest.mark.parametrize("attention,T", [("blocked", 128), ("blocked", 40), ("plain", 64)])
+def test_forward_flops_agree_with_xla(attention, T):
+  """Our matmul count against XLA's count of the compiled forward (which adds elementwise ops)."""
+  c = micro_config()
+  c.model.update(dict(num_layers=2, max_len=128, attention=attention))
+  cfg = M.model_config(c.model, 64)
+  params = M.init_params(cfg, jax.random.key(0))
+  x = jnp.zeros((1, T), jnp.int32)
+  full = _xla_flops(lambda p, x: M.Transformer(cfg).apply({"params": p}, x), params, x)
+  last = _xla_flops(lambda p, x: M.Transformer(cfg).apply({"params": p}, x, logits_at=jnp.array([T - 1])),
+                    params, x)
+  assert 0.85 * full < M.forward_flops(cfg, T) <= full
+  assert 0.8 * last < M.forward_flops(cfg, T, last_only=True) <= last
+  assert M.forward_flops(cfg, T, last_only=True) < 0.7 * M.forward_flops(cfg, T)
+
+
+def test_decode_flops_follow_the_buckets():
+  c = micro_config()
+  c.model.max_len = 128  # buckets 32, 64, then the window of 128
+  cfg = M.model_config(c.model, 64)
+  f = lambda T: M.forward_flops(cfg, T, last_only=True)
+  # Prompt of 30: 3 steps at 32 positions (30..32 ids so far), 32 at 64, 64 at 128, 1 at 128 sliding.
+  assert sampling.decode_flops(cfg, 30, 100, 256) == 3 * f(32) + 32 * f(64) + 65 * f(128)
+  assert sampling.decode_flops(cfg, 30, 2, 48) == 2 * f(32) and sampling.decode_flops(cfg, 40, 2, 48) == 2 * f(48)
