@@ -39,19 +39,6 @@ def peak_rss_mb() -> float:
   return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
 
-def device_peak_flops(matmul_n: int = CPU_PEAK_MATMUL, repeats: int = 5) -> tuple[float, str]:
-  """(peak FLOP/s of one device, its source): the table for accelerators, measured on CPU.
-
-  On CPU the best of `repeats` float32 n x n matmuls through JAX: the practical peak,
-  taken at its best so that sharing the machine makes MFU lower, never higher.
-  """
-  device = jax.devices()[0]
-  if device.platform != "cpu":
-    return metrics_lib.peak_flops(device)
-  flops = metrics_lib.measure_matmul_flops(matmul_n, jnp.float32, repeats)
-  return flops, f"measured:f32 matmul {matmul_n}, best of {repeats}"
-
-
 def random_batch(vocab: int, batch_size: int, seq_len: int, seed: int = 0) -> dict:
   """One (1, B, T) micro-batch of random ids, every target scored."""
   rng = np.random.default_rng(seed)
@@ -125,6 +112,7 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, gen
               gen_repeats: int = 3, peak_matmul_n: int = CPU_PEAK_MATMUL,
               log: Callable = lambda _: None) -> dict:
   """The whole benchmark of `config`: train step, peak FLOP/s, MFU, memory, generation."""
+  sharding.set_cpu_devices(config)  # before anything starts JAX, as train.py does
   device = jax.devices()[0]
   out = {"device": device.device_kind, "platform": device.platform,
          "num_devices": jax.device_count(), "jax": jax.__version__,
@@ -134,20 +122,22 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, gen
   out.update(tr)
   # Taken before the peak matmul and generation allocate: the training process's own peak.
   out["peak_rss_train_mb"] = peak_rss_mb()
-  peak, source = device_peak_flops(peak_matmul_n)
-  out.update({"peak_flops": peak, "peak_source": source,
+  peak, source = metrics_lib.peak_flops(jax.devices()[0], peak_matmul_n)  # per device
+  out.update({"peak_flops": peak, "peak_flops_all_devices": peak * jax.device_count(),
+              "peak_source": source,
               "mfu": metrics_lib.mfu(tr["tokens_per_s"], tr["flops_per_token"], peak,
                                      jax.device_count())})
-  log(f"train: {tr['tokens_per_s']:.0f} tokens/s, MFU {out['mfu']:.1%} of {peak / 1e9:.0f} GFLOP/s")
+  log(f"train: {tr['tokens_per_s']:.0f} tokens/s, MFU {out['mfu']:.1%} of {out['peak_flops_all_devices'] / 1e9:.0f} GFLOP/s")
   if generate:
-    gen = {}
+    gen, cpu = {}, device.platform == "cpu"
     for gb in gen_batch_sizes:
       g = sampling.benchmark_generation(model_cfg, gb, gen_prompt_len, gen_new_tokens,
                                         repeats=gen_repeats, seed=config.seed)
       gen[f"B{gb}"] = {k: g[k] for k in ("batch_size", "prompt_len", "new_tokens", "buffer_len",
                                          "window", "compile_s", "first_run_s", "median_s",
                                          "tokens_per_s", "ms_per_step", "flops_per_token")}
-      gen[f"B{gb}"]["mfu"] = g["flops_per_s"] / (peak * jax.device_count())
+      # One device generates, but on a CPU it has the whole host's threads.
+      gen[f"B{gb}"]["mfu"] = g["flops_per_s"] / (peak * (jax.local_device_count() if cpu else 1))
       log(f"generation B={gb}: {g['tokens_per_s']:.0f} tokens/s, MFU {gen[f'B{gb}']['mfu']:.1%} "
           f"(compiled in {g['compile_s']:.1f} s)")
     # Even at the full peak, B>1 can only gain what B=1 leaves idle: peak / B=1's FLOP/s.

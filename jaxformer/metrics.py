@@ -36,16 +36,22 @@ def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> 
   return 2 * n ** 3 / min(times)
 
 
-def peak_flops(device=None) -> tuple[float, str]:
-  """(peak FLOP/s per device, where it came from): a data-sheet table, or measured on CPU."""
+def peak_flops(device=None, matmul_n: int = 2048) -> tuple[float, str]:
+  """(peak FLOP/s per device, where it came from): a data-sheet table, or measured on CPU.
+
+  A CPU host's measured peak is shared by its CPU devices (mesh.cpu_devices), so
+  each gets its share and MFU over all devices still compares with the host's peak.
+  """
   device = device or jax.devices()[0]
   kind = device.device_kind.lower()
   for name, flops in PEAK_FLOPS.items():
     if name in kind:
       return flops, f"table:{name}"
-  if "cpu" not in _measured_peak:
-    _measured_peak["cpu"] = measure_matmul_flops()
-  return _measured_peak["cpu"], "measured:f32 matmul 2048, best of 5"
+  if matmul_n not in _measured_peak:
+    _measured_peak[matmul_n] = measure_matmul_flops(matmul_n)
+  share = jax.local_device_count()
+  source = f"measured:f32 matmul {matmul_n}, best of 5" + (f", shared by {share} CPU devices" if share > 1 else "")
+  return _measured_peak[matmul_n] / share, source
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak: float, num_devices: int) -> float:

@@ -679,11 +679,11 @@ class Transformer(nn.Module):
 def train_row_groups(cfg: ModelConfig, B: int) -> int:
   """Sequential groups of rows the train step splits a (B, T) batch into (see model.micro_batch_rows).
 
-  Auto (0) is groups of 4 rows on CPU, where one group's activations then stay in
-  cache, and the whole batch on accelerators. A group keeps at least one row per
-  device, and the group count divides B.
+  Auto (0) is groups of 4 rows per device on CPU, where one group's activations
+  then stay in cache, and the whole batch on accelerators. A group keeps at least
+  one row per device, and the group count divides B.
   """
-  rows = cfg.micro_batch_rows or (4 if jax.default_backend() == "cpu" else B)
+  rows = cfg.micro_batch_rows or (4 * jax.device_count() if jax.default_backend() == "cpu" else B)
   rows = max(rows, jax.device_count())
   groups = max(1, B // rows)
   while B % groups or (B // groups) % jax.device_count():

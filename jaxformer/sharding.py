@@ -5,6 +5,8 @@ Mesh axes: `data` (replicas), `fsdp` (batch split + parameters sharded),
 `model.py` map to mesh axes by RULES, the one place that decides layouts.
 """
 
+import os
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -24,6 +26,47 @@ RULES = (
     ("vocab", "tensor"),
     ("head_dim", None),
 )
+
+
+# Auto mode's most CPU devices: measured on 2 cores only (docs/performance.md).
+MAX_AUTO_CPU_DEVICES = 8
+
+
+def auto_cpu_devices(config, cores: int) -> int:
+  """mesh.cpu_devices=0's count on `cores` cores: one per core, a divisor of the batch (1: JAX's own)."""
+  if (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) != (-1, 1, 1):
+    return 1  # an explicit mesh names its own device count
+  return max(d for d in range(1, min(cores, MAX_AUTO_CPU_DEVICES) + 1) if config.train.batch_size % d == 0)
+
+
+def set_cpu_devices(config) -> int:
+  """Splits a CPU host into mesh.cpu_devices XLA devices (0: auto); returns the count set, or 0.
+
+  Must run before JAX starts (before any array or device query). Auto leaves
+  alone a count the user chose (XLA_FLAGS or jax_num_cpu_devices) and a JAX
+  that has already started (as in a test session); an explicit count that can
+  no longer be applied is an error.
+  """
+  want = int(config.mesh.cpu_devices)
+  explicit = want > 0
+  if not explicit:
+    if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+        or jax.config.jax_num_cpu_devices != -1):
+      return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    want = auto_cpu_devices(config, cores)
+    if want == 1:
+      return 0
+  try:
+    jax.config.update("jax_num_cpu_devices", want)
+  except RuntimeError:  # the backend already exists
+    have = len(jax.devices("cpu"))
+    if explicit and have != want:
+      raise ConfigError(
+          f"mesh.cpu_devices={want} cannot apply: JAX already started with {have} CPU device(s) in this "
+          "process; set it in a fresh process (scripts/train.py does) or leave it 0 (auto).") from None
+    return 0
+  return want
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:

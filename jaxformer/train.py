@@ -251,6 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
   would; started again, the run continues exactly as if never stopped.
   """
   config_lib.validate(config)
+  sharding.set_cpu_devices(config)  # before anything starts JAX
   maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
   t, lead = config.train, jax.process_index() == 0
@@ -269,6 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
         f"{t.seq_len} are never trained, and samples longer than that degrade.")
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
+  if lead:
+    shape = " x ".join(f"{k} {v}" for k, v in mesh.shape.items())
+    log(f"mesh: {shape} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
   schedule = optim.schedule(config.optim, t.steps)
   tx = optim.make_optimizer(config.optim, t.steps)
   abstract, shardings = state_shardings(model_cfg, tx, mesh)

@@ -6,3 +6,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers such as sharding_worker
+
+# In-process tests run on one CPU device, whichever test starts JAX first (train_and_evaluate's
+# auto mesh.cpu_devices would otherwise split this process); multi-device tests run in
+# processes of their own (test_sharding.py).
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 1)

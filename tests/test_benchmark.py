@@ -33,7 +33,8 @@ def test_benchmark_reports_every_figure():
   assert out["tokens_per_s"] == 4 * 32 / (out["step_ms_median"] / 1e3)
   assert out["peak_source"].startswith("measured:f32 matmul 256") and out["peak_flops"] > 1e8
   assert 0 < out["mfu"] < 1
-  assert out["mfu"] == out["tokens_per_s"] * out["flops_per_token"] / out["peak_flops"]
+  assert out["mfu"] == out["tokens_per_s"] * out["flops_per_token"] / out["peak_flops_all_devices"]
+  assert out["peak_flops_all_devices"] == out["peak_flops"] * out["num_devices"]
   assert out["compile_s"] > 0 and 50 < out["peak_rss_train_mb"] <= out["peak_rss_mb"] < 1e5
   gen = out["generation"]
   assert set(gen) == {"B1", "B2", "max_speedup_over_B1"}
@@ -41,7 +42,7 @@ def test_benchmark_reports_every_figure():
     g = gen[name]
     assert g["batch_size"] == b and g["new_tokens"] == 8 and g["compile_s"] > 0
     assert g["tokens_per_s"] > 0 and g["flops_per_token"] == gen["B1"]["flops_per_token"]
-    assert g["mfu"] == pytest.approx(g["tokens_per_s"] * g["flops_per_token"] / out["peak_flops"])
+    assert g["mfu"] == pytest.approx(g["tokens_per_s"] * g["flops_per_token"] / out["peak_flops_all_devices"])
   assert gen["max_speedup_over_B1"] == 1 / gen["B1"]["mfu"]
 
 
