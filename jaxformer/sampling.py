@@ -381,6 +381,7 @@ def benchmark_generation(model_cfg: model_lib.ModelConfig, batch_size: int, prom
   if not np.all(np.asarray(lengths) == prompt_len + new_tokens):
     raise RuntimeError(f"benchmark rows stopped early: lengths {np.asarray(lengths).tolist()}.")
   median = statistics.median(times)
+  flops = decode_flops(model_cfg, prompt_len, new_tokens, L)
   return {
       "batch_size": B, "prompt_len": prompt_len, "new_tokens": new_tokens, "buffer_len": L,
       "window": min(L, model_cfg.max_len), "compile_s": compile_s, "first_run_s": first_run_s,
@@ -388,6 +389,5 @@ def benchmark_generation(model_cfg: model_lib.ModelConfig, batch_size: int, prom
       "median_s": median, "tokens_per_s": B * new_tokens / median,
       "ms_per_step": 1000.0 * median / new_tokens, "device": str(jax.devices()[0].platform),
       # The work the loop must do per new token (see decode_flops), and at what rate.
-      "flops_per_token": decode_flops(model_cfg, prompt_len, new_tokens, L) / new_tokens,
-      "flops_per_s": B * decode_flops(model_cfg, prompt_len, new_tokens, L) / median,
+      "flops_per_token": flops / new_tokens, "flops_per_s": B * flops / median,
   }
