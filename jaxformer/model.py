@@ -147,15 +147,22 @@ def apply_rope(x: jax.Array, base: float) -> jax.Array:
 
   x: (B, T, H, D), positions 0..T-1. Rotation is done in float32.
   """
-  T, D = x.shape[1], x.shape[-1]
+  angles = rope_angles(x.shape[1], x.shape[-1], base)[None, :, None, :]  # (1, T, 1, D/2)
+  return _rotate_half(x, np.cos(angles), np.sin(angles))
+
+
+def rope_angles(T: int, D: int, base: float) -> np.ndarray:
+  """(T, D/2) float32 rotation angles: position t, channel pair i turns by t·base^(-2i/D)."""
   inv_freq = base ** (-np.arange(0, D, 2, dtype=np.float32) / D)  # (D/2,)
-  angles = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
-  cos = jnp.asarray(np.cos(angles))[None, :, None, :]  # (1, T, 1, D/2)
-  sin = jnp.asarray(np.sin(angles))[None, :, None, :]
+  return np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]
+
+
+def _rotate_half(x, cos, sin):
+  """Rotates channel i with channel i + D/2 by angles given as cos, sin (broadcast to x[..., :D/2])."""
+  D = x.shape[-1]
   xf = x.astype(jnp.float32)
   x1, x2 = xf[..., : D // 2], xf[..., D // 2:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 # Query rows per block of "blocked" attention: small enough to skip most of the masked
@@ -283,17 +290,11 @@ def _heads_major(qkv, rope_base, inverse=False):
   x = qkv.transpose(2, 0, 3, 1, 4)
   if rope_base is None:
     return x
-  T, D = x.shape[3], x.shape[4]
-  inv_freq = rope_base ** (-np.arange(0, D, 2, dtype=np.float32) / D)
-  angles = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+  angles = rope_angles(x.shape[3], x.shape[4], rope_base)  # (T, D/2)
   # v's slot rotates by zero, so one elementwise pass covers all three.
   cos = np.stack([np.cos(angles)] * 2 + [np.ones_like(angles)])[:, None, None]  # (3, 1, 1, T, D/2)
   sin = np.stack([np.sin(angles)] * 2 + [np.zeros_like(angles)])[:, None, None]
-  if inverse:
-    sin = -sin
-  xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., : D // 2], xf[..., D // 2:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  return _rotate_half(x, cos, -sin if inverse else sin)
 
 
 def _chunk_forward(qkv, window, block, rope_base):

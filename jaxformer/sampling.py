@@ -127,6 +127,11 @@ def window_buckets(window: int, smallest: int = 32) -> tuple[int, ...]:
   return tuple(out)
 
 
+def step_lengths(buckets: Sequence[int], window: int) -> tuple[int, ...]:
+  """The static lengths a decoding step may run: the buckets below `window`, then the window."""
+  return tuple(sorted(b for b in set(buckets) if 0 < b < window)) + (window,)
+
+
 def decode_loop(logits_fn: Callable[..., jax.Array], tokens: jax.Array,
                 prompt_lens: jax.Array, keys: jax.Array, *, window: int, max_new_tokens,
                 temperature, top_k, top_p, eos_id, valid_vocab, logits_at: bool = False,
@@ -149,7 +154,7 @@ def decode_loop(logits_fn: Callable[..., jax.Array], tokens: jax.Array,
   """
   B, L = tokens.shape
   W = min(window, L)
-  buckets = tuple(sorted(b for b in set(buckets) if 0 < b < W)) + (W,)
+  buckets = step_lengths(buckets, W)
   rows = jnp.arange(B)
   prompt_lens = prompt_lens.astype(jnp.int32)
 
@@ -342,7 +347,7 @@ def decode_flops(model_cfg: model_lib.ModelConfig, prompt_len: int, new_tokens: 
   the last position's logits only.
   """
   W = min(model_cfg.max_len, buffer_len)
-  buckets = tuple(b for b in window_buckets(model_cfg.max_len) if b < W) + (W,)
+  buckets = step_lengths(window_buckets(model_cfg.max_len), W)
   total = 0.0
   for n in range(prompt_len, prompt_len + new_tokens):  # n ids so far
     positions = next(b for b in buckets if b >= min(n, W))
