@@ -10,8 +10,10 @@ Compiling a train step leaves a few hundred MB of freed compiler memory spread
 over the heap, which glibc never returns by itself; `malloc_trim` after each
 XLA compilation (a jax.monitoring listener) gives it back.
 
-Applied once, at import, on glibc only; set JAXFORMER_MALLOC=0 to skip. glibc's
-own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ variables take precedence.
+Applied by the entry points that want it (scripts/train.py, scripts/benchmark.py,
+the test session), never as a side effect of importing the library; glibc only;
+set JAXFORMER_MALLOC=0 to skip. glibc's own MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_ variables take precedence.
 """
 
 import ctypes

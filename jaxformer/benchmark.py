@@ -2,7 +2,7 @@
 
 The train step is the real one (`train.state_shardings`, `init_state`,
 `compile_steps`) on random tokens, so no data pipeline is timed. MFU is
-`model.flops_per_token` (6N + 12·L·T·C per token) times tokens/s over the
+`metrics.flops_per_token` (6N + 12·L·T·C per token) times tokens/s over the
 device's peak: a data-sheet figure for known accelerators, or on CPU a large
 float32 matmul measured in this same process.
 """
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer import allocator
+from jaxformer import config as config_lib
 from jaxformer import metrics as metrics_lib
 from jaxformer import model as model_lib
 from jaxformer import optim
@@ -40,28 +40,29 @@ def peak_rss_mb() -> float:
 
 
 def random_batch(vocab: int, batch_size: int, seq_len: int, seed: int = 0) -> dict:
-  """One (1, B, T) micro-batch of random ids, every target scored."""
+  """One (B, T) batch of random ids, every target scored."""
   rng = np.random.default_rng(seed)
-  ids = rng.integers(0, vocab, size=(1, batch_size, seq_len + 1), dtype=np.int32)
-  return {"inputs": ids[..., :-1], "targets": ids[..., 1:],
-          "weights": np.ones((1, batch_size, seq_len), np.float32)}
+  ids = rng.integers(0, vocab, size=(batch_size, seq_len + 1), dtype=np.int32)
+  return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((batch_size, seq_len), np.float32)}
 
 
 def benchmark_train(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3,
                     log: Callable = lambda _: None) -> dict:
   """Compiles and times the real train step; step times are per step, host-synchronised."""
-  t, m = config.train, config.model
-  model_cfg = model_lib.model_config(m, m.vocab_size or STORIES_CHAR_VOCAB)
-  B, T = t.batch_size, t.seq_len
+  t = config.train
+  model = model_lib.Transformer(config_lib.model_config(config, config.model.vocab_size or STORIES_CHAR_VOCAB),
+                            config_lib.execution(config))
+  model_cfg, B, T = model.cfg, t.batch_size, t.seq_len
   mesh = sharding.make_mesh(config.mesh)
   train.check_batch(config, mesh)
+  micro = train.micro_batches(config, mesh)
   schedule = optim.schedule(config.optim, t.steps)
   tx = optim.make_optimizer(config.optim, t.steps)
-  _, shardings = train.state_shardings(model_cfg, tx, mesh)
-  step_fn, _ = train.compile_steps(model_cfg, tx, schedule, shardings, mesh, skip_nonfinite=True)
-  state = train.init_state(model_cfg, tx, shardings, config.seed)
+  _, shardings = train.state_shardings(model_cfg, tx, mesh, model.ex.param_dtype)
+  step_fn, _ = train.compile_steps(model, tx, schedule, shardings, mesh, micro)
+  state = train.init_state(model, tx, shardings, config.seed)
   batch = sharding.global_batch(random_batch(model_cfg.vocab_size, B, T, config.seed),
-                                sharding.batch_sharding(mesh, 3))
+                                sharding.batch_sharding(mesh))
 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -91,19 +92,19 @@ def benchmark_train(config, *, steps: int = 10, warmup: int = 2, repeats: int = 
   all_times = [x for times in per_repeat for x in times]
   step_s = statistics.median(all_times)
   return {
-      "params": model_lib.num_params(model_cfg),
-      "flops_per_token": model_lib.flops_per_token(model_cfg, T),
+      "params": metrics_lib.num_params(model_cfg),
+      "flops_per_token": metrics_lib.flops_per_token(model_cfg, T),
       "batch_size": B, "seq_len": T, "vocab_size": model_cfg.vocab_size,
-      "dtype": model_cfg.dtype, "matmul_dtype": model_cfg.matmul_dtype or model_cfg.dtype,
-      "attention": model_cfg.attention, "activation": model_cfg.activation,
-      "remat": model_cfg.remat, "row_groups": model_lib.train_row_groups(model_cfg, B),
+      "dtype": model.ex.dtype, "matmul_dtype": model.ex.matmul_dtype or model.ex.dtype,
+      "kernels": model.ex.kernels, "activation": model_cfg.activation,
+      "remat": model.ex.remat, "micro_batches": micro,
       "compile_s": compile_s, "first_step_s": first_step_s,
       "step_ms_median": 1e3 * step_s,
       "step_ms_repeat_medians": [1e3 * statistics.median(x) for x in per_repeat],
       "step_ms_min": 1e3 * min(all_times),
       "tokens_per_s": B * T / step_s,
       "final_loss": loss,
-      "_model_cfg": model_cfg,
+      "_model": model,
   }
 
 
@@ -116,9 +117,9 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, gen
   device = jax.devices()[0]
   out = {"device": device.device_kind, "platform": device.platform,
          "num_devices": jax.device_count(), "jax": jax.__version__,
-         "python": platform.python_version(), "malloc_thresholds_set": allocator.configure()}
+         "python": platform.python_version()}
   tr = benchmark_train(config, steps=steps, warmup=warmup, repeats=repeats, log=log)
-  model_cfg = tr.pop("_model_cfg")
+  model = tr.pop("_model")
   out.update(tr)
   # Taken before the peak matmul and generation allocate: the training process's own peak.
   out["peak_rss_train_mb"] = peak_rss_mb()
@@ -131,7 +132,7 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, gen
   if generate:
     gen, cpu = {}, device.platform == "cpu"
     for gb in gen_batch_sizes:
-      g = sampling.benchmark_generation(model_cfg, gb, gen_prompt_len, gen_new_tokens,
+      g = sampling.benchmark_generation(model, gb, gen_prompt_len, gen_new_tokens,
                                         repeats=gen_repeats, seed=config.seed)
       gen[f"B{gb}"] = {k: g[k] for k in ("batch_size", "prompt_len", "new_tokens", "buffer_len",
                                          "window", "compile_s", "first_run_s", "median_s",

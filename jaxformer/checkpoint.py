@@ -13,6 +13,11 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from jaxformer import config as config_lib
+from jaxformer import model as model_lib
+from jaxformer import runs
+from jaxformer import tokenizer as tokenizer_lib
+
 ITEMS = ("state", "data", "meta")
 
 
@@ -129,23 +134,25 @@ def restore_params(directory: str, which: str, abstract_params) -> tuple[Any, di
 
 
 def load_run(workdir: str, which: str = "latest"):
-  """(config, model config, params, tokenizer) of a trained run, on the default device."""
-  from jaxformer import config as config_lib, model as model_lib, tokenizer as tokenizer_lib
-  tok_path = os.path.join(workdir, "tokenizer.json")
+  """(config, model, params, tokenizer, step) of a trained run, on the default device.
+
+  The model computes with the run's own execution settings (config.compute).
+  """
+  tok_path = runs.tokenizer_path(workdir)
   if not os.path.isfile(tok_path):
     raise CheckpointError(f"{workdir} has no tokenizer.json; point --workdir at a run folder made by scripts/train.py.")
   config = config_lib.load_config_json(os.path.join(workdir, "config.json"))
   tokenizer = tokenizer_lib.load_tokenizer(tok_path)
-  model_cfg = model_lib.model_config(config.model)
+  model = model_lib.Transformer(config_lib.model_config(config), config_lib.execution(config))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0))))
+      jax.eval_shape(lambda: model_lib.init_params(model.cfg, jax.random.key(0), model.ex)))
   params, meta, step = restore_params(workdir, which, abstract)
   if meta.get("tokenizer") not in (None, tokenizer_lib.fingerprint(tokenizer)):
     raise CheckpointError(
         f"{tok_path} is not the tokenizer the checkpoint was trained with; restore the run's own tokenizer.json.")
-  return config, model_cfg, params, tokenizer, step
+  return config, model, params, tokenizer, step
 
 
 def has_checkpoints(directory: str) -> bool:

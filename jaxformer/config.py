@@ -3,13 +3,18 @@
 Config files in `configs/` start from `base_config()` and change values only.
 """
 
+import dataclasses
 import json
 import os
+import re
 
 import ml_collections
 
+from jaxformer import tokenizer as tokenizer_lib
+from jaxformer.model import Execution, ModelConfig
+
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
-ATTENTIONS = ("blocked", "plain", "dot_product", "cudnn")
+KERNELS = ("cpu", "reference", "xla", "cudnn")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -18,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # --- model: the transformer of the guide (B, T, C, V, H, D = C // H).
+  # --- model: the architecture of the guide (B, T, C, V, H, D = C // H): what a checkpoint is.
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 0            # 0: take it from the tokenizer, padded to vocab_multiple
   m.vocab_multiple = 64       # padding V to a multiple of 64 gives faster matmuls
@@ -29,27 +34,29 @@ def base_config() -> ml_collections.ConfigDict:
   m.max_len = 256             # the longest sequence the model accepts (T_max)
   m.pos_encoding = "learned"  # learned | sinusoidal | rope
   m.rope_base = 10000.0
-  # blocked: exact causal attention that skips masked blocks (fastest on CPU); plain: the
-  # written-out reference; dot_product: jax.nn.dot_product_attention; cudnn: its GPU kernel.
-  m.attention = "blocked"     # blocked | plain | dot_product | cudnn
   m.sliding_window = 0        # 0: full causal attention; W > 0: each token sees the last W tokens
   m.activation = "gelu"       # gelu (exact, erf) | gelu_tanh (GPT-2) | relu
-  m.dropout = 0.0             # residual and embedding dropout
-  m.attn_dropout = 0.0        # dropout on the attention weights
   m.use_bias = True
   m.tie_embeddings = True     # the output head reuses the token embedding matrix
   m.ln_eps = 1e-5             # GPT-2 / PyTorch; Flax's own default is 1e-6
-  m.dtype = "float32"         # compute dtype
-  m.param_dtype = "float32"   # parameters and optimizer state stay float32
+  # Regularisation: used in training only, free to change on resume or fine-tune.
+  m.dropout = 0.0             # residual and embedding dropout
+  m.attn_dropout = 0.0        # dropout on the attention weights
+
+  # --- compute: how the model is computed. Never part of a checkpoint: free to change
+  # on resume or fine-tune; results agree up to float rounding.
+  x = c.compute = ml_collections.ConfigDict()
+  # cpu: our CPU kernels (blocked attention, hand-written LayerNorm/GELU/MLP backward passes);
+  # reference: the guide written out with stock Flax layers; xla: jax.nn.dot_product_attention;
+  # cudnn: its cuDNN flash-attention kernel (GPU, bfloat16/float16). See jaxformer/kernels/.
+  x.kernels = "cpu"           # cpu | reference | xla | cudnn
+  x.dtype = "float32"         # compute dtype
+  x.param_dtype = "float32"   # parameters and optimizer state
   # Matmul operands: "" = the compute dtype; "bfloat16" rounds the operands of the dense
   # layers' and blocked attention's matmuls to bfloat16 and sums in float32 (~2x faster
   # matmuls on CPUs with AVX512-BF16); everything else stays in the compute dtype.
-  m.matmul_dtype = ""
-  m.remat = False             # recompute each block in the backward pass to save memory
-  # The train step runs a batch as groups of this many rows, one after another, adding up
-  # their gradients (same result up to rounding): a group's activations stay in cache and
-  # only one group's are held at a time. 0 = auto: 4 rows per device on CPU, the whole batch elsewhere.
-  m.micro_batch_rows = 0
+  x.matmul_dtype = ""
+  x.remat = False             # recompute each block in the backward pass to save memory
 
   # --- data: source -> tokenizer -> token arrays -> batches.
   d = c.data = ml_collections.ConfigDict()
@@ -73,10 +80,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- training.
   t = c.train = ml_collections.ConfigDict()
-  t.batch_size = 32           # global B, split over the data x fsdp mesh axes
+  t.batch_size = 32           # global B: rows per optimizer step, split over the data x fsdp mesh axes
+  # Gradient accumulation: the step runs its B rows as sequential micro-batches of this
+  # many rows (global), gradients weighted by their tokens; the result does not depend on
+  # it (dropout masks are drawn per row) up to float rounding. Smaller saves memory.
+  # 0 = auto: 4 rows per device on CPU (a micro-batch's activations stay in cache), all B elsewhere.
+  t.micro_batch_size = 0
   t.seq_len = 256             # T of a training window
   t.steps = 1000
-  t.grad_accum = 1            # micro-batches per optimizer step (batch_size is per micro-batch)
   t.eval_every = 200
   t.log_every = 20
   t.checkpoint_every = 500
@@ -86,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.init_from = ""            # another run's workdir: fine-tune from its parameters
   t.num_samples = 3           # samples printed at the end of a run
   t.sample_tokens = 200
+  t.profile_steps = ""        # "START,END": a JAX profiler trace of those steps in WORKDIR/profile
 
   # --- optimizer (AdamW) and schedule.
   o = c.optim = ml_collections.ConfigDict()
@@ -137,8 +149,6 @@ def validate_model(m) -> None:
         "change one of them.")
   if m.pos_encoding not in POS_ENCODINGS:
     raise ConfigError(f"model.pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {m.pos_encoding!r}.")
-  if m.attention not in ATTENTIONS:
-    raise ConfigError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got {m.attention!r}.")
   if m.activation not in ACTIVATIONS:
     raise ConfigError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}.")
   if m.pos_encoding == "sinusoidal" and m.embed_dim % 2:
@@ -150,39 +160,49 @@ def validate_model(m) -> None:
   for name in ("dropout", "attn_dropout"):
     if not 0.0 <= m[name] < 1.0:
       raise ConfigError(f"model.{name} must be in [0, 1), got {m[name]}.")
-  if m.attention in ("dot_product", "cudnn") and m.attn_dropout > 0:
-    raise ConfigError(
-        f"model.attention={m.attention!r} has no attention-weight dropout; set model.attn_dropout=0 "
-        "or use model.attention='blocked' or 'plain'.")
-  if m.micro_batch_rows < 0:
-    raise ConfigError(f"model.micro_batch_rows must be >= 0 (0 = auto), got {m.micro_batch_rows}.")
-  if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
-    raise ConfigError(
-        f"model.attention='cudnn' runs in bfloat16 or float16 only; set model.dtype=bfloat16 "
-        f"(got {m.dtype!r}).")
   if m.sliding_window < 0:
     raise ConfigError(f"model.sliding_window must be >= 0 (0 = off), got {m.sliding_window}.")
-  for name in ("dtype", "param_dtype"):
-    if m[name] not in DTYPES:
-      raise ConfigError(f"model.{name} must be one of {', '.join(DTYPES)}, got {m[name]!r}.")
-  if m.matmul_dtype not in ("",) + DTYPES:
-    raise ConfigError(f"model.matmul_dtype must be '' or one of {', '.join(DTYPES)}, got {m.matmul_dtype!r}.")
   if m.ln_eps <= 0:
     raise ConfigError(f"model.ln_eps must be positive, got {m.ln_eps}.")
+
+
+def validate_compute(x, m) -> None:
+  """Checks the compute section against the model it runs; one sentence per failure."""
+  if x.kernels not in KERNELS:
+    raise ConfigError(f"compute.kernels must be one of {', '.join(KERNELS)}, got {x.kernels!r}.")
+  for name in ("dtype", "param_dtype"):
+    if x[name] not in DTYPES:
+      raise ConfigError(f"compute.{name} must be one of {', '.join(DTYPES)}, got {x[name]!r}.")
+  if x.matmul_dtype not in ("",) + DTYPES:
+    raise ConfigError(f"compute.matmul_dtype must be '' or one of {', '.join(DTYPES)}, got {x.matmul_dtype!r}.")
+  if x.kernels in ("xla", "cudnn") and m.attn_dropout > 0:
+    raise ConfigError(
+        f"compute.kernels={x.kernels!r} has no attention-weight dropout; set model.attn_dropout=0 "
+        "or use compute.kernels='cpu' or 'reference'.")
+  if x.kernels == "cudnn" and x.dtype not in ("bfloat16", "float16"):
+    raise ConfigError(
+        f"compute.kernels='cudnn' runs in bfloat16 or float16 only; set compute.dtype=bfloat16 "
+        f"(got {x.dtype!r}).")
 
 
 def validate(c) -> None:
   """Checks the whole config before anything is built or compiled."""
   validate_model(c.model)
+  validate_compute(c.compute, c.model)
   t, o = c.train, c.optim
   if t.seq_len > c.model.max_len:
     raise ConfigError(
         f"train.seq_len ({t.seq_len}) is longer than model.max_len ({c.model.max_len}); "
         "raise model.max_len or lower train.seq_len.")
-  for name in ("batch_size", "seq_len", "steps", "grad_accum", "eval_every", "log_every",
+  for name in ("batch_size", "seq_len", "steps", "eval_every", "log_every",
                "checkpoint_every", "keep_checkpoints"):
     if int(t[name]) <= 0:
       raise ConfigError(f"train.{name} must be positive, got {t[name]}.")
+  if t.micro_batch_size < 0 or (t.micro_batch_size and t.batch_size % t.micro_batch_size):
+    raise ConfigError(
+        f"train.micro_batch_size ({t.micro_batch_size}) must divide train.batch_size ({t.batch_size}) "
+        "(or be 0: auto).")
+  profile_steps(t)
   if t.nonfinite not in ("skip", "stop"):
     raise ConfigError(f"train.nonfinite must be 'skip' or 'stop', got {t.nonfinite!r}.")
   if t.early_stopping_patience < 0:
@@ -199,8 +219,13 @@ def validate(c) -> None:
     raise ConfigError("optim.clip_norm and optim.weight_decay must be >= 0.")
   if c.data.source not in ("stories", "text", "hf"):
     raise ConfigError(f"data.source must be stories, text or hf, got {c.data.source!r}.")
-  if c.data.tokenizer not in ("char", "bpe"):
+  if c.data.tokenizer not in tokenizer_lib.KINDS:
     raise ConfigError(f"data.tokenizer must be char or bpe, got {c.data.tokenizer!r}.")
+  if c.data.tokenizer == "bpe":
+    try:
+      tokenizer_lib.check_bpe_vocab_size(int(c.data.bpe_vocab_size))
+    except tokenizer_lib.TokenizerError as err:
+      raise ConfigError(str(err)) from None
   if not 0.0 < c.data.valid_fraction < 1.0:
     raise ConfigError(f"data.valid_fraction must be in (0, 1), got {c.data.valid_fraction}.")
   for name in ("data", "fsdp", "tensor"):
@@ -211,12 +236,119 @@ def validate(c) -> None:
     raise ConfigError(f"mesh.cpu_devices must be >= 0 (0 = auto: one per core), got {c.mesh.cpu_devices}.")
 
 
+def profile_steps(t) -> tuple[int, int] | None:
+  """train.profile_steps "START,END" as (START, END), None when off; ConfigError when malformed."""
+  if not t.profile_steps:
+    return None
+  try:
+    first, last = (int(v) for v in str(t.profile_steps).split(","))
+  except ValueError:
+    first, last = 0, -1
+  if not 0 <= first < last:
+    raise ConfigError(f"train.profile_steps must be 'START,END' with 0 <= START < END, got {t.profile_steps!r}.")
+  return first, last
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def padded_vocab_size(tokenizer_vocab: int, multiple: int) -> int:
+  """Rounds V up so the head's matmul has friendly sizes; extra ids are never sampled."""
+  return round_up(tokenizer_vocab, max(multiple, 1))
+
+
+def model_config(config, vocab_size: int | None = None) -> ModelConfig:
+  """The architecture from `config.model`; `vocab_size` (the padded V) fills a 0 there."""
+  validate_model(config.model)
+  fields = {f.name: config.model[f.name] for f in dataclasses.fields(ModelConfig)}
+  if vocab_size is not None:
+    fields["vocab_size"] = int(vocab_size)
+  if fields["vocab_size"] <= 0:
+    raise ConfigError("model.vocab_size is 0 and no tokenizer was given to take it from.")
+  return ModelConfig(**fields)
+
+
+def execution(config) -> Execution:
+  """How the model is computed: `config.compute` and the model's dropout rates."""
+  validate_compute(config.compute, config.model)
+  x = config.compute
+  return Execution(kernels=x.kernels, dtype=x.dtype, param_dtype=x.param_dtype, matmul_dtype=x.matmul_dtype,
+                   remat=bool(x.remat), dropout=config.model.dropout, attn_dropout=config.model.attn_dropout)
+
+
+# Fields of run folders written before `compute` split from `model`: old name -> new name.
+_MOVED = {"model.attention": "compute.kernels", "model.dtype": "compute.dtype",
+          "model.param_dtype": "compute.param_dtype", "model.matmul_dtype": "compute.matmul_dtype",
+          "model.remat": "compute.remat"}
+_OLD_KERNELS = {"blocked": "cpu", "plain": "reference", "dot_product": "xla", "cudnn": "cudnn"}
+_DROPPED = ("model.micro_batch_rows",)
+
+
+def _upgrade(values: dict) -> dict:
+  """An older config.json's values in today's layout (runs keep loading after a rename)."""
+  values = json.loads(json.dumps(values))
+  model, compute = values.get("model", {}), values.setdefault("compute", {})
+  for old, new in _MOVED.items():
+    key = old.split(".")[1]
+    if key in model:
+      value = model.pop(key)
+      compute[new.split(".")[1]] = _OLD_KERNELS.get(value, value) if key == "attention" else value
+  for old in _DROPPED:
+    model.pop(old.split(".")[1], None)
+  train = values.get("train", {})
+  if "grad_accum" in train:  # batch_size was per micro-batch then
+    accum = int(train.pop("grad_accum"))
+    if accum > 1:
+      train["micro_batch_size"] = int(train["batch_size"])
+      train["batch_size"] = int(train["batch_size"]) * accum
+  return values
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict,
+                    what: str = "override") -> ml_collections.ConfigDict:
+  """An unlocked copy of `config` with the dotted `overrides` ({"optim.lr": 3e-3}) set.
+
+  A key that names no field, a section or a value of the wrong type is a ConfigError
+  whose sentence starts with `what` ("sweep axis") and the key.
+  """
+  config = config.copy_and_resolve_references()
+  config.lock()  # locked, ml_collections refuses new fields instead of adding them
+  fix = "fix the name in the sweep file" if what.startswith("sweep") else "fix the name"
+  for key, value in overrides.items():
+    where, section, is_parent = _section(config, key)
+    if is_parent and isinstance(section.get(key.rsplit(".", 1)[-1]), ml_collections.ConfigDict):
+      raise ConfigError(f"{what} {key!r} is a section, not a field; name one of its fields.")
+    try:
+      config.update_from_flattened_dict({key: value})
+    except KeyError as err:
+      # ml_collections' hint, e.g. 'Did you mean "lr" instead of "lrr"?', when it has one.
+      hint = re.search(r'Did you mean ("[^"]*")', str(err))
+      hint = f"; did you mean {hint.group(1)}?" if hint else ""
+      raise ConfigError(f"{what} {key!r} names no config field ({where} has {', '.join(sorted(section))}"
+                        f"{hint}); {fix}.") from None
+    except TypeError as err:
+      raise ConfigError(f"{what} {key!r}: the value {value!r} does not fit the field ({err}).") from None
+  config.unlock()
+  return config
+
+
+def _section(config: ml_collections.ConfigDict, key: str) -> tuple[str, ml_collections.ConfigDict, bool]:
+  """(name, section, whether it is the key's parent): the deepest section the dotted `key` reaches."""
+  parts, node = key.split(".")[:-1], config
+  for i, part in enumerate(parts):
+    if not isinstance(node.get(part), ml_collections.ConfigDict):
+      return ".".join(parts[:i]) or "the config", node, False
+    node = node[part]
+  return ".".join(parts) or "the config", node, True
+
+
 def load_config_json(path: str) -> ml_collections.ConfigDict:
   """A run's config.json back as a ConfigDict over the current defaults (new fields get defaults)."""
   if not os.path.isfile(path):
     raise ConfigError(f"{path} does not exist; point at a run folder that holds config.json.")
   with open(path) as f:
-    values = json.load(f)
+    values = _upgrade(json.load(f))
   config = base_config()
   unknown = _merge(config, values, "")
   if unknown:

@@ -14,8 +14,7 @@ import numpy as np
 from jaxformer import checkpoint
 from jaxformer import config as config_lib
 from jaxformer import data as data_lib
-from jaxformer import model as model_lib
-from jaxformer import sweep
+from jaxformer import runs
 from jaxformer import train
 from jaxformer.config import ConfigError
 
@@ -36,14 +35,14 @@ def evaluate_run(workdir: str, which: str = "best", overrides: dict | None = Non
       raise ConfigError(
           f"--config.{key} cannot change at evaluation; only data.*, train.batch_size and train.seq_len "
           "can (the model and its training come from the run).")
-  config, model_cfg, params, tokenizer, step = checkpoint.load_run(workdir, which)
-  config = sweep.apply_overrides(config, overrides, "evaluation override")
+  config, model, params, _, step = checkpoint.load_run(workdir, which)
+  config = config_lib.apply_overrides(config, overrides, "evaluation override")
   config_lib.validate(config)
   t = config.train
   data = data_lib.load_data(config.data, workdir, t.seq_len)
   valid = data_lib.validation_set(data, num_batches=config.data.num_valid_batches, batch_size=t.batch_size,
                                   seq_len=t.seq_len)
-  eval_fn = jax.jit(functools.partial(train.eval_step, model=model_lib.Transformer(model_cfg)))
+  eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
   loss = train.evaluate(eval_fn, params, valid.batches)
   result = {
       "workdir": workdir, "checkpoint": which, "step": step, "loss": loss,

@@ -1,4 +1,4 @@
-"""Metric writers (JSONL + TensorBoard), progress output, throughput and MFU arithmetic."""
+"""Metric writers (JSONL + TensorBoard), progress output, throughput, MFU and FLOPs arithmetic."""
 
 import json
 import os
@@ -9,6 +9,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxformer import model as model_lib
+from jaxformer.kernels import attention as attention_kernels
 
 # Dense bf16 peak FLOP/s per chip from vendors' data sheets (no sparsity).
 PEAK_FLOPS = {
@@ -134,3 +137,52 @@ def format_line(step: int, total: int, info: dict, eta_s: Optional[float] = None
   if eta_s is not None:
     parts.append(f"eta {eta_s / 60:.1f} min")
   return " | ".join(parts)
+
+
+def num_params(cfg: model_lib.ModelConfig) -> int:
+  """Closed-form parameter count of the model; equals the count of `model.init_params`."""
+  C, V, L, F = cfg.embed_dim, cfg.vocab_size, cfg.num_layers, cfg.mlp_ratio * cfg.embed_dim
+  b = 1 if cfg.use_bias else 0
+  ln = C + b * C
+  attn = C * 3 * C + b * 3 * C + C * C + b * C
+  mlp = C * F + b * F + F * C + b * C
+  total = V * C + L * (2 * ln + attn + mlp) + ln
+  if cfg.pos_encoding == "learned":
+    total += cfg.max_len * C
+  if not cfg.tie_embeddings:
+    total += C * V
+  return total
+
+
+def flops_per_token(cfg: model_lib.ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6N for the matmuls plus 12·L·T·C for attention (PaLM appendix B).
+
+  N counts matmul weights only (the head, not the input lookup or position table).
+  Causal masking is not discounted, as in nanoGPT/PaLM.
+  """
+  n = num_params(cfg) - (cfg.max_len * cfg.embed_dim if cfg.pos_encoding == "learned" else 0)
+  if not cfg.tie_embeddings:
+    n -= cfg.vocab_size * cfg.embed_dim  # the input lookup is a gather, not a matmul
+  return 6.0 * n + 12.0 * cfg.num_layers * seq_len * cfg.embed_dim
+
+
+def forward_flops(cfg: model_lib.ModelConfig, T: int, last_only: bool = False,
+                  kernels: str = "reference") -> float:
+  """Matmul FLOPs of one row's forward over T positions, as the model computes them.
+
+  The "cpu" kernels' blocked attention counts the (query, key) pairs of the blocks
+  it computes, the others all T². With `last_only` (`logits_at`), the last block
+  computes keys and values at every position but its query, MLP and the head at one.
+  """
+  C, L, V, F = cfg.embed_dim, cfg.num_layers, cfg.vocab_size, cfg.mlp_ratio * cfg.embed_dim
+  per_position = 2 * (4 * C * C + 2 * C * F)  # qkv, output projection, MLP
+  if kernels == "cpu":
+    blocks = attention_kernels.query_blocks(T, attention_kernels.ATTENTION_BLOCK, cfg.sliding_window)
+    pairs = sum((qe - qs) * (qe - ks) for qs, qe, ks in blocks)
+  else:
+    pairs = T * T
+  layer = T * per_position + 4 * C * pairs  # scores and weighted values: 2·D·H per pair each
+  if not last_only:
+    return L * layer + T * 2 * C * V
+  last = T * 4 * C * C + 2 * (2 * C * C + 2 * C * F) + 4 * C * T  # k, v; q, out, MLP; one query
+  return (L - 1) * layer + last + 2 * C * V

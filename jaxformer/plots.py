@@ -2,16 +2,15 @@
 
 matplotlib is an optional extra (`pip install 'jaxformer[plot]'`), imported on first use
 with the file-only Agg backend. Data extraction is kept apart from drawing, so it is
-testable without matplotlib.
+testable without matplotlib. Run folders are read through runs.py.
 """
 
-import math
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
-from jaxformer import sweep as sweep_lib
+from jaxformer import runs
 
 X_AXES = ("step", "tokens", "time")
 X_LABELS = {"step": "step", "tokens": "tokens seen",
@@ -49,19 +48,19 @@ def _save(fig, out: str) -> str:
 def loss_curves(run_dir: str, x: str = "step") -> dict:
   """{"train": (xs, losses), "eval": (xs, losses), "floor": float | None} of one run folder.
 
-  x: step, tokens (step x batch_size x grad_accum x seq_len) or time (training seconds
+  x: step, tokens (step x batch_size x seq_len) or time (training seconds
   rebuilt from the tokens/s of each logged window, so evaluation and saving are left out).
   """
   if x not in X_AXES:
     raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}.")
-  config = sweep_lib.read_config(run_dir)
-  rows = sweep_lib.read_metrics(run_dir)
+  config = runs.read_config(run_dir)
+  rows = runs.read_metrics(run_dir)
   if config is None or not rows:
     raise FileNotFoundError(f"{run_dir} has no config.json or no metrics.jsonl rows; point at a run folder "
                             "made by scripts/train.py.")
   logged = [r for r in rows if "train/loss" in r]
   evals = [r for r in rows if "eval/loss" in r]
-  per_step = sweep_lib.tokens_per_step(config)
+  per_step = runs.tokens_per_step(config)
 
   def to_x(steps):
     steps = np.asarray(steps, np.float64)
@@ -157,35 +156,23 @@ def plot_positions(max_len: int, dim: int, out: str) -> str:
 # ---------------------------------------------------------------------------- attention
 
 
-def attention_weights(params, model_cfg, ids) -> np.ndarray:
-  """The softmax attention weights (L, H, T, T) of every layer and head for one token sequence.
+def attention_weights(params, model, ids) -> np.ndarray:
+  """The softmax attention weights (L, H, T, T) of every layer and head of `model` for one token sequence.
 
-  Read from the model's own q and k (the fused `qkv` projection's output, captured with
-  `capture_intermediates`), then scored, masked and normalised as plain attention does:
-  the same numbers whichever attention kernel the run uses, with no change to the model.
+  The model runs with its reference kernels, whose attention keeps each block's weights
+  (`sow`, collection "intermediates"). Parameters do not depend on the kernels, so these
+  are the weights of a run trained with any of them, up to float rounding.
   """
+  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxformer import model as model_lib  # pylint: disable=g-import-not-at-top
+  reference = model.clone(ex=dataclasses.replace(model.ex, kernels="reference"))
   tokens = jnp.asarray(ids, jnp.int32)[None]  # (1, T)
-  mask = model_lib.causal_mask(tokens.shape[1], model_cfg.sliding_window)
-
-  @jax.jit  # one compilation instead of one per operation
-  def weights(params, tokens):
-    _, state = model_lib.Transformer(model_cfg).apply(
-        {"params": params}, tokens, capture_intermediates=lambda mdl, _: mdl.name == "qkv",
-        mutable=["intermediates"])
-    out = []
-    for i in range(model_cfg.num_layers):
-      qkv = state["intermediates"][f"block_{i}"]["attn"]["qkv"]["__call__"][0]  # (1, T, 3, H, D)
-      q, k = qkv[:, :, 0], qkv[:, :, 1]
-      if model_cfg.pos_encoding == "rope":
-        q, k = model_lib.apply_rope(q, model_cfg.rope_base), model_lib.apply_rope(k, model_cfg.rope_base)
-      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-      out.append(jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)[0])  # (H, T, T)
-    return jnp.stack(out)
-
-  return np.asarray(weights(params, tokens))
+  _, state = jax.jit(lambda p, x: reference.apply({"params": p}, x, mutable=["intermediates"]))(params, tokens)
+  sown = state["intermediates"]
+  # A sow keeps a tuple of what was sown; one call sows each block's (1, H, T, T) once.
+  return np.stack([np.asarray(sown[f"block_{i}"]["attn"]["attention_weights"][0][0])
+                   for i in range(model.cfg.num_layers)])
 
 
 def token_labels(tokenizer, ids) -> list[str]:
@@ -201,12 +188,12 @@ def token_labels(tokenizer, ids) -> list[str]:
 def prompt_attention(workdir: str, prompt: str, which: str = "best"):
   """(weights (L, H, T, T), token labels) of a trained run for `prompt`, after an EOT as in training."""
   from jaxformer import checkpoint, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  _, model_cfg, params, tok, _ = checkpoint.load_run(workdir, which)
+  _, model, params, tok, _ = checkpoint.load_run(workdir, which)
   ids = [tokenizer_lib.eot_id(tok)] + tokenizer_lib.encode(tok, prompt)
-  if len(ids) > model_cfg.max_len:
-    raise ValueError(f"the prompt is {len(ids) - 1} tokens; the model sees at most {model_cfg.max_len - 1} "
+  if len(ids) > model.cfg.max_len:
+    raise ValueError(f"the prompt is {len(ids) - 1} tokens; the model sees at most {model.cfg.max_len - 1} "
                      "after the EOT. Shorten the prompt.")
-  return attention_weights(params, model_cfg, ids), token_labels(tok, ids)
+  return attention_weights(params, model, ids), token_labels(tok, ids)
 
 
 def plot_attention(weights: np.ndarray, labels: Sequence[str], out: str, title: str = "") -> str:
@@ -243,18 +230,18 @@ def plot_sweep(rows: list[dict], axes: list[str], out: str) -> str:
   """Best validation loss against each swept axis; points that share the other axes' values are joined."""
   plt = _pyplot()
   scored = [r for r in rows if r.get("best_eval_loss") is not None]
-  names = sweep_lib.short_keys(axes)
+  names = runs.short_keys(axes)
   fig, panels = plt.subplots(1, max(len(axes), 1), figsize=(5 * max(len(axes), 1), 4), squeeze=False)
   for ax, axis in zip(panels[0], axes):
     values = [r[axis] for r in scored]
     numeric = _numeric(values)
-    categories = sorted({sweep_lib.format_value(v) for v in values}) if not numeric else []
-    position = (lambda v: v) if numeric else (lambda v: categories.index(sweep_lib.format_value(v)))
+    categories = sorted({runs.format_value(v) for v in values}) if not numeric else []
+    position = (lambda v: v) if numeric else (lambda v: categories.index(runs.format_value(v)))
     # Axes held at one value would only repeat themselves in every label.
-    others = [a for a in axes if a != axis and len({sweep_lib.format_value(r[a]) for r in scored}) > 1]
+    others = [a for a in axes if a != axis and len({runs.format_value(r[a]) for r in scored}) > 1]
     groups = {}
     for r in scored:
-      groups.setdefault(tuple(sweep_lib.format_value(r[a]) for a in others), []).append(r)
+      groups.setdefault(tuple(runs.format_value(r[a]) for a in others), []).append(r)
     for key, members in sorted(groups.items()):
       members = sorted(members, key=lambda r: position(r[axis]))
       label = ",".join(f"{names[a]}={v}" for a, v in zip(others, key)) or None
@@ -265,7 +252,7 @@ def plot_sweep(rows: list[dict], axes: list[str], out: str) -> str:
     distinct = sorted(set(values)) if numeric else []
     if 0 < len(distinct) <= 8:  # a grid: tick exactly the values tried
       ax.minorticks_off()
-      ax.set_xticks(distinct, [sweep_lib.format_value(v) for v in distinct])
+      ax.set_xticks(distinct, [runs.format_value(v) for v in distinct])
     if categories:
       ax.set_xticks(range(len(categories)), categories)
     ax.set_xlabel(names[axis])

@@ -17,7 +17,8 @@ and `top_p=1.0` switch those filters off. Every setting is a traced value, a
 scalar or one per row, so changing it never recompiles.
 
 `generate` runs the whole generation as one `lax.while_loop` over a
-fixed-size buffer; it compiles once per (B, L, model config).
+fixed-size buffer; it compiles once per (B, L, model), the model being a
+`Transformer` (its architecture `model.cfg` and execution `model.ex`).
 """
 
 import functools
@@ -31,9 +32,15 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformer import metrics
+from jaxformer.config import round_up
 from jaxformer import model as model_lib
+from jaxformer.tokenizer import EOT
 
-EOT = "<|endoftext|>"
+
+class SamplingError(ValueError):
+  """A sampling setting or prompt that cannot be used; the message says what to change."""
+
 # Cumulative masses within this of p count as reaching p: float32 rounding of
 # e.g. 0.5 + 0.3 must not let a third token into a p = 0.8 nucleus.
 TOP_P_TOLERANCE = 1e-6
@@ -200,18 +207,17 @@ def decode_loop(logits_fn: Callable[..., jax.Array], tokens: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _generate(params, model_cfg, tokens, prompt_lens, keys, max_new_tokens, temperature, top_k,
+def _generate(params, model, tokens, prompt_lens, keys, max_new_tokens, temperature, top_k,
               top_p, eos_id, valid_vocab):
-  module = model_lib.Transformer(model_cfg)
   # Only the last position's logits, and only the bucket of positions the text fills.
-  logits_fn = lambda x, at: module.apply({"params": params}, x, logits_at=at)
-  return decode_loop(logits_fn, tokens, prompt_lens, keys, window=model_cfg.max_len,
+  logits_fn = lambda x, at: model.apply({"params": params}, x, logits_at=at)
+  return decode_loop(logits_fn, tokens, prompt_lens, keys, window=model.cfg.max_len,
                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                      top_p=top_p, eos_id=eos_id, valid_vocab=valid_vocab, logits_at=True,
-                     buckets=window_buckets(model_cfg.max_len))
+                     buckets=window_buckets(model.cfg.max_len))
 
 
-def _generate_args(params, model_cfg, prompts, prompt_lens, keys, max_new_tokens, temperature,
+def _generate_args(params, model, prompts, prompt_lens, keys, max_new_tokens, temperature,
                    top_k, top_p, eos_id, valid_vocab):
   """Fixes every traced argument's dtype and shape, so Python ints, numpy and jax values
   (scalars or per-row) all hit the same compiled program."""
@@ -226,17 +232,18 @@ def _generate_args(params, model_cfg, prompts, prompt_lens, keys, max_new_tokens
     raise ValueError(
         f"prompt lengths must be in [1, {L}] (the buffer length), got {lens.tolist()}; "
         "start an empty prompt from the end-of-text token.")
+  V = model.cfg.vocab_size
   valid = None if valid_vocab is None else int(valid_vocab)
-  if valid is not None and not 1 <= valid <= model_cfg.vocab_size:
-    raise ValueError(f"valid_vocab must be in [1, {model_cfg.vocab_size}], got {valid}.")
+  if valid is not None and not 1 <= valid <= V:
+    raise ValueError(f"valid_vocab must be in [1, {V}], got {valid}.")
   vec = lambda x, dtype: jnp.broadcast_to(jnp.asarray(x, dtype), (B,))
-  return (params, model_cfg, tokens, jnp.asarray(lens, jnp.int32), keys,
+  return (params, model, tokens, jnp.asarray(lens, jnp.int32), keys,
           jnp.asarray(max_new_tokens, jnp.int32), vec(temperature, jnp.float32),
           vec(top_k, jnp.int32), vec(top_p, jnp.float32), jnp.asarray(eos_id, jnp.int32),
-          jnp.asarray(model_cfg.vocab_size if valid is None else valid, jnp.int32))
+          jnp.asarray(V if valid is None else valid, jnp.int32))
 
 
-def generate(params, model_cfg: model_lib.ModelConfig, prompts, prompt_lens, keys, *,
+def generate(params, model: model_lib.Transformer, prompts, prompt_lens, keys, *,
              max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=-1,
              valid_vocab: Optional[int] = None):
   """Samples continuations of left-aligned prompts in a (B, L) buffer.
@@ -246,11 +253,11 @@ def generate(params, model_cfg: model_lib.ModelConfig, prompts, prompt_lens, key
   temperature, top_k, top_p: scalars or (B,) per row. eos_id: -1 never stops
   early. valid_vocab: the tokenizer's size; ids from it up to V are never drawn.
 
-  Only B, L and model_cfg are compile-time; the rest are traced.
+  Only B, L and the model (a `Transformer`) are compile-time; the rest are traced.
   Returns (tokens (B, L) int32, lengths (B,) int32); new ids lie in
   [prompt_lens[b], lengths[b]).
   """
-  return _generate(*_generate_args(params, model_cfg, prompts, prompt_lens, keys, max_new_tokens,
+  return _generate(*_generate_args(params, model, prompts, prompt_lens, keys, max_new_tokens,
                                    temperature, top_k, top_p, eos_id, valid_vocab))
 
 
@@ -261,20 +268,16 @@ def row_keys(seed: int, num_rows: int, first_index: int = 0) -> jax.Array:
       jnp.arange(first_index, first_index + num_rows))
 
 
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
 def check_settings(*, max_new_tokens, temperature, top_k, top_p) -> None:
   """Raises ValueError with one sentence for a sampling setting out of range."""
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    raise SamplingError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
   if temperature < 0:
-    raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}.")
+    raise SamplingError(f"temperature must be >= 0 (0 is greedy), got {temperature}.")
   if top_k < 0:
-    raise ValueError(f"top_k must be >= 0 (0 turns it off), got {top_k}.")
+    raise SamplingError(f"top_k must be >= 0 (0 turns it off), got {top_k}.")
   if not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {top_p}.")
+    raise SamplingError(f"top_p must be in (0, 1] (1 turns it off), got {top_p}.")
 
 
 def decode_rows(tokenizer, tokens, prompt_lens, lengths, eos_id: Optional[int]) -> list[str]:
@@ -289,7 +292,7 @@ def decode_rows(tokenizer, tokens, prompt_lens, lengths, eos_id: Optional[int]) 
   return texts
 
 
-def sample_text(params, model_cfg: model_lib.ModelConfig, tokenizer, prompts: Sequence[str], *,
+def sample_text(params, model: model_lib.Transformer, tokenizer, prompts: Sequence[str], *,
                 max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95,
                 seed: int = 0, buffer_len: Optional[int] = None) -> list[str]:
   """Continues each prompt; returns the new text only, without the prompt or EOS.
@@ -302,21 +305,21 @@ def sample_text(params, model_cfg: model_lib.ModelConfig, tokenizer, prompts: Se
   """
   check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
   if isinstance(prompts, str):
-    raise ValueError("prompts must be a list of strings, not one string; wrap it in a list.")
+    raise SamplingError("prompts must be a list of strings, not one string; wrap it in a list.")
   if not prompts:
-    raise ValueError("prompts is empty; pass at least one prompt (\"\" starts from end-of-text).")
+    raise SamplingError("prompts is empty; pass at least one prompt (\"\" starts from end-of-text).")
   eos_id = tokenizer.token_to_id(EOT)
   valid_vocab = tokenizer.get_vocab_size()
-  if valid_vocab > model_cfg.vocab_size:
-    raise ValueError(
-        f"the tokenizer has {valid_vocab} ids but the model only {model_cfg.vocab_size}; "
+  if valid_vocab > model.cfg.vocab_size:
+    raise SamplingError(
+        f"the tokenizer has {valid_vocab} ids but the model only {model.cfg.vocab_size}; "
         "use the tokenizer the model was trained with.")
   encoded = []
   for i, text in enumerate(prompts):
     ids = tokenizer.encode(text).ids
     if not ids:
       if eos_id is None:
-        raise ValueError(f"prompt {i} is empty and the tokenizer has no {EOT} token to start from; "
+        raise SamplingError(f"prompt {i} is empty and the tokenizer has no {EOT} token to start from; "
                          "give a non-empty prompt.")
       ids = [eos_id]
     encoded.append(ids)
@@ -324,7 +327,7 @@ def sample_text(params, model_cfg: model_lib.ModelConfig, tokenizer, prompts: Se
   L = buffer_len or round_up(longest + max_new_tokens, BUFFER_MULTIPLE)
   for i, ids in enumerate(encoded):
     if len(ids) >= L:
-      raise ValueError(
+      raise SamplingError(
           f"prompt {i} is {len(ids)} tokens, which leaves no room in a buffer of {L}; "
           "shorten the prompt or raise buffer_len.")
   B = len(encoded)
@@ -333,29 +336,30 @@ def sample_text(params, model_cfg: model_lib.ModelConfig, tokenizer, prompts: Se
     buffer[b, :len(ids)] = ids
   prompt_lens = np.array([len(ids) for ids in encoded], np.int32)
   tokens, lengths = generate(
-      params, model_cfg, buffer, prompt_lens, row_keys(seed, B), max_new_tokens=max_new_tokens,
+      params, model, buffer, prompt_lens, row_keys(seed, B), max_new_tokens=max_new_tokens,
       temperature=temperature, top_k=top_k, top_p=top_p,
       eos_id=-1 if eos_id is None else eos_id, valid_vocab=valid_vocab)
   return decode_rows(tokenizer, tokens, prompt_lens, lengths, eos_id)
 
 
-def decode_flops(model_cfg: model_lib.ModelConfig, prompt_len: int, new_tokens: int,
+def decode_flops(model: model_lib.Transformer, prompt_len: int, new_tokens: int,
                  buffer_len: int) -> float:
   """Matmul FLOPs per row of `_generate` writing `new_tokens` after `prompt_len`.
 
   Each step runs the smallest bucket holding the text (the window once it is full),
   the last position's logits only.
   """
-  W = min(model_cfg.max_len, buffer_len)
-  buckets = step_lengths(window_buckets(model_cfg.max_len), W)
+  cfg = model.cfg
+  W = min(cfg.max_len, buffer_len)
+  buckets = step_lengths(window_buckets(cfg.max_len), W)
   total = 0.0
   for n in range(prompt_len, prompt_len + new_tokens):  # n ids so far
     positions = next(b for b in buckets if b >= min(n, W))
-    total += model_lib.forward_flops(model_cfg, positions, last_only=True)
+    total += metrics.forward_flops(cfg, positions, last_only=True, kernels=model.ex.kernels)
   return total
 
 
-def benchmark_generation(model_cfg: model_lib.ModelConfig, batch_size: int, prompt_len: int,
+def benchmark_generation(model: model_lib.Transformer, batch_size: int, prompt_len: int,
                          new_tokens: int, repeats: int = 3, seed: int = 0) -> dict:
   """Times `generate` on random weights: compile seconds apart from run tokens/s.
 
@@ -364,16 +368,16 @@ def benchmark_generation(model_cfg: model_lib.ModelConfig, batch_size: int, prom
   """
   B = batch_size
   L = round_up(prompt_len + new_tokens, BUFFER_MULTIPLE)
-  init_len = min(L, model_cfg.max_len)
-  params = nn.unbox(jax.jit(model_lib.Transformer(model_cfg).init)(
+  init_len = min(L, model.cfg.max_len)
+  params = nn.unbox(jax.jit(model.init)(
       jax.random.key(seed), jnp.zeros((1, init_len), jnp.int32))["params"])
-  prompts = jax.random.randint(jax.random.key(seed + 1), (B, L), 0, model_cfg.vocab_size)
-  args = _generate_args(params, model_cfg, prompts, np.full((B,), prompt_len), row_keys(seed, B),
+  prompts = jax.random.randint(jax.random.key(seed + 1), (B, L), 0, model.cfg.vocab_size)
+  args = _generate_args(params, model, prompts, np.full((B,), prompt_len), row_keys(seed, B),
                         new_tokens, 1.0, 0, 1.0, -1, None)
   t0 = time.perf_counter()
   compiled = _generate.lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  dynamic = args[:1] + args[2:]  # the compiled program takes no static model_cfg
+  dynamic = args[:1] + args[2:]  # the compiled program takes no static model
   t0 = time.perf_counter()
   jax.block_until_ready(compiled(*dynamic))  # the first run also allocates; not timed
   first_run_s = time.perf_counter() - t0
@@ -386,10 +390,10 @@ def benchmark_generation(model_cfg: model_lib.ModelConfig, batch_size: int, prom
   if not np.all(np.asarray(lengths) == prompt_len + new_tokens):
     raise RuntimeError(f"benchmark rows stopped early: lengths {np.asarray(lengths).tolist()}.")
   median = statistics.median(times)
-  flops = decode_flops(model_cfg, prompt_len, new_tokens, L)
+  flops = decode_flops(model, prompt_len, new_tokens, L)
   return {
       "batch_size": B, "prompt_len": prompt_len, "new_tokens": new_tokens, "buffer_len": L,
-      "window": min(L, model_cfg.max_len), "compile_s": compile_s, "first_run_s": first_run_s,
+      "window": min(L, model.cfg.max_len), "compile_s": compile_s, "first_run_s": first_run_s,
       "run_s": times,
       "median_s": median, "tokens_per_s": B * new_tokens / median,
       "ms_per_step": 1000.0 * median / new_tokens, "device": str(jax.devices()[0].platform),

@@ -97,10 +97,9 @@ def param_shardings(cfg: model_lib.ModelConfig, mesh: Mesh):
   return nn.logical_to_mesh_sharding(model_lib.param_axes(cfg), mesh, RULES)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Rows split over data x fsdp; the rest replicated. (A, B, T) batches split B."""
-  spec = P(BATCH_AXES, *([None] * (ndim - 1))) if ndim == 2 else P(None, BATCH_AXES, None)
-  return NamedSharding(mesh, spec)
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """(B, T) batches: rows split over data x fsdp, positions whole."""
+  return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

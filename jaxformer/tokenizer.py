@@ -6,16 +6,20 @@ pipeline places after every document. A tokenizer lives in one `tokenizer.json`
 token ids are never silently read with another vocabulary.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 import hashlib
 import json
 import os
-import tempfile
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
 KINDS = ("char", "bpe")
+
+
+class TokenizerError(ValueError):
+  """Text or a setting the tokenizer cannot take; the message says what to change."""
+
 # Byte-level BPE starts from the 256 byte symbols; EOT is one more.
 MIN_BPE_VOCAB = 256 + 1
 
@@ -42,7 +46,7 @@ def train_char(texts: Iterable[str]) -> Tokenizer:
 def check_bpe_vocab_size(vocab_size: int) -> None:
   """Byte-level BPE cannot have fewer tokens than its alphabet (256 bytes + EOT)."""
   if vocab_size < MIN_BPE_VOCAB:
-    raise ValueError(
+    raise TokenizerError(
         f"data.bpe_vocab_size={vocab_size} is smaller than the byte-level alphabet "
         f"(256 bytes + {EOT}); set data.bpe_vocab_size to at least {MIN_BPE_VOCAB}.")
 
@@ -62,33 +66,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = True)
   return tok
 
 
-def train_tokenizer(kind: str, texts: Sequence[str], bpe_vocab_size: int = 5000) -> Tokenizer:
-  """Trains a tokenizer of `kind` ("char" or "bpe") on `texts`."""
-  if kind == "char":
-    return train_char(texts)
-  if kind == "bpe":
-    return train_bpe(texts, bpe_vocab_size)
-  raise ValueError(f"data.tokenizer must be one of {', '.join(KINDS)}, got {kind!r}.")
-
-
 def kind(tok: Tokenizer) -> str:
   """"char" or "bpe", read off the tokenizer's model."""
   return "char" if isinstance(tok.model, models.WordLevel) else "bpe"
-
-
-def save_tokenizer(tok: Tokenizer, path: str) -> None:
-  """Writes `tok` to `path` atomically, so a crash never leaves half a file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".json")
-  os.close(fd)
-  try:
-    tok.save(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -129,7 +109,7 @@ def encode(tok: Tokenizer, text: str) -> list[int]:
   missing = unseen_chars(tok, text)
   if missing:
     listed = ", ".join(repr(ch) for ch in missing)
-    raise ValueError(
+    raise TokenizerError(
         f"the prompt contains characters the char tokenizer has never seen: {listed}; "
         "use only characters from the training text or train with data.tokenizer=bpe.")
   return tok.encode(text, add_special_tokens=False).ids

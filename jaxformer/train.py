@@ -1,7 +1,10 @@
-"""The train state, the jit'd train and eval steps, and `train_and_evaluate(config, workdir)`.
+"""Training: the train state, the jit'd train and eval steps, set-up, and a flat loop.
 
 The train step is one pure function `(state, batch) -> (state, metrics)`, compiled
 once with `jax.jit` over a device mesh with named shardings; the old state is donated.
+`train_and_evaluate(config, workdir)` builds everything once (`setup`), then runs
+the loop, whose periodic work (logging, evaluation, checkpoints, the profiler) is
+a few named functions of the run and the step.
 """
 
 import dataclasses
@@ -16,7 +19,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from jaxformer import checkpoint
@@ -25,6 +27,7 @@ from jaxformer import data as data_lib
 from jaxformer import metrics as metrics_lib
 from jaxformer import model as model_lib
 from jaxformer import optim
+from jaxformer import runs
 from jaxformer import sharding
 from jaxformer import tokenizer as tokenizer_lib
 from jaxformer.config import ConfigError
@@ -39,7 +42,7 @@ class TrainState:
   step: jax.Array        # () int32: optimizer steps taken
   params: Any
   opt_state: Any
-  rng: jax.Array         # (2,) uint32 raw key; step s uses fold_in(rng, s) for dropout
+  rng: jax.Array         # (2,) uint32 raw key; step s draws dropout from fold_in(rng, s)
 
 
 def cross_entropy(logits, batch):
@@ -50,72 +53,56 @@ def cross_entropy(logits, batch):
   return jnp.sum(ce * w) / jnp.maximum(total, 1.0), total
 
 
-def row_groups(grad_fn: Callable, groups: int) -> Callable:
-  """grad_fn over a micro-batch's rows in `groups` sequential groups, gradients summed.
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, micro_batches: int):
+  """One optimizer step on a (B, T) batch, run as `micro_batches` sequential micro-batches.
 
-  Group g takes rows g, g + groups, ... (so a batch split over devices stays split).
-  Each group's loss and gradient count by its share of the token weights, which
-  gives the whole micro-batch's weighted mean up to rounding; dropout draws per group.
+  Micro-batch m takes rows m, m + M, ... (so each device's rows split evenly among
+  them, without moving data); its loss and gradient count by its share of the token
+  weights, which gives the whole batch's weighted mean up to rounding. Dropout masks
+  are drawn per row from the step's key and the row's index, so they do not depend
+  on M, the device count or the backend. A non-finite loss, gradient or update
+  leaves params and optimizer state unchanged (the metrics say so).
   """
-  if groups == 1:
-    return grad_fn
+  M = micro_batches
+  dropout_key = jax.random.fold_in(state.rng, state.step)
 
-  def grouped(params, micro, rng):
-    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // groups, groups, *x.shape[1:]), 0, 1)
-    parts = jax.tree_util.tree_map(split, micro)  # (groups, B / groups, T)
-    weights = jnp.sum(parts["weights"].reshape(groups, -1), axis=1)
-    share = weights / jnp.maximum(jnp.sum(weights), 1.0)
-
-    def accumulate(carry, part_share_index):
-      part, s, i = part_share_index
-      loss, grads = grad_fn(params, part, jax.random.fold_in(rng, i))
-      return jax.tree_util.tree_map(lambda c, x: c + s * x, carry, (loss, grads)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
-    out, _ = jax.lax.scan(accumulate, zeros, (parts, share, jnp.arange(groups)))
-    return out
-
-  return grouped
-
-
-def train_step(state: TrainState, batch: dict, *, model, tx, schedule, skip_nonfinite: bool = True):
-  """One optimizer step; `batch` arrays are (A, B, T): A micro-batches accumulated in a scan.
-
-  A non-finite loss or gradient leaves params and optimizer state unchanged
-  (the metrics say so); the host decides whether to stop.
-  """
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-  def loss_fn(params, micro, rng):
-    logits = model.apply({"params": params}, micro["inputs"], train=True, rngs={"dropout": rng})
+  def loss_fn(params, micro):
+    logits = model.apply({"params": params}, micro["inputs"], train=True, row_ids=micro["row_ids"],
+                         rngs={"dropout": dropout_key})
     return cross_entropy(logits, micro)[0]
 
-  grad_fn = row_groups(jax.value_and_grad(loss_fn),
-                       model_lib.train_row_groups(model.cfg, batch["inputs"].shape[1]))
-  num_micro = batch["inputs"].shape[0]
-  if num_micro == 1:
-    loss, grads = grad_fn(state.params, jax.tree_util.tree_map(lambda x: x[0], batch), dropout_rng)
+  grad_fn = jax.value_and_grad(loss_fn)
+  B = batch["inputs"].shape[0]
+  batch = dict(batch, row_ids=jnp.arange(B, dtype=jnp.int32))
+  if M == 1:
+    loss, grads = grad_fn(state.params, batch)
   else:
-    def accumulate(carry, micro_and_index):
-      micro, i = micro_and_index
-      loss, grads = grad_fn(state.params, micro, jax.random.fold_in(dropout_rng, i))
-      return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+    split = lambda x: jnp.swapaxes(x.reshape(B // M, M, *x.shape[1:]), 0, 1)  # (M, B/M, ...)
+    micros = jax.tree_util.tree_map(split, batch)
+    weights = jnp.sum(micros["weights"].reshape(M, -1), axis=1)
+    shares = weights / jnp.maximum(jnp.sum(weights), 1.0)
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(num_micro)))
-    loss, grads = jax.tree_util.tree_map(lambda x: x / num_micro, (loss, grads))
+    def accumulate(carry, micro_and_share):
+      micro, share = micro_and_share
+      loss, grads = grad_fn(state.params, micro)
+      return jax.tree_util.tree_map(lambda c, x: c + share * x, carry, (loss, grads)), None
+
+    # Summed in float32 whatever the parameters' dtype, then cast back for the optimizer.
+    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                                                                  state.params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micros, shares))
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # The update itself too: a finite gradient times a bad learning rate is still poison.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-  if skip_nonfinite:
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
   metrics = {"train/loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
              "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state)), metrics
 
 
 def eval_step(params, batch, *, model):
@@ -128,9 +115,7 @@ def eval_step(params, batch, *, model):
 def evaluate(eval_fn: Callable, params, batches: list) -> float:
   """Mean loss per scored token over fixed batches; one host sync at the end."""
   sums = jax.device_get([eval_fn(params, b) for b in batches])  # all dispatched, then one fetch
-  loss_sum = sum(float(s) for s, _ in sums)
-  count = sum(float(c) for _, c in sums)
-  return loss_sum / max(count, 1.0)
+  return sum(float(s) for s, _ in sums) / max(sum(float(c) for _, c in sums), 1.0)
 
 
 @jax.jit
@@ -138,24 +123,36 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-# ---------------------------------------------------------------------------- setup
+# ---------------------------------------------------------------------------- set-up
 
 
-def model_for(config, tokenizer) -> model_lib.ModelConfig:
-  """The model config with V resolved from the tokenizer (padded), checked against it."""
-  real_vocab = tokenizer_lib.vocab_size(tokenizer)
-  V = config.model.vocab_size or model_lib.padded_vocab_size(real_vocab, config.model.vocab_multiple)
-  if V < real_vocab:
-    raise ConfigError(
-        f"model.vocab_size ({V}) is smaller than the tokenizer's vocabulary ({real_vocab}); "
-        "set model.vocab_size=0 to take it from the tokenizer.")
-  return model_lib.model_config(config.model, V)
+def micro_batches(config, mesh) -> int:
+  """How many sequential micro-batches a step runs (train.micro_batch_size; 0 = auto).
+
+  Auto: 4 rows per batch device on CPU (one micro-batch's activations stay in
+  cache), the whole batch elsewhere. Every micro-batch keeps the same number of
+  rows on each device.
+  """
+  B, split = config.train.batch_size, mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = config.train.micro_batch_size
+  if rows:
+    if rows % split:
+      raise ConfigError(
+          f"train.micro_batch_size ({rows}) must be a multiple of the data x fsdp mesh axes ({split}); "
+          f"use a multiple of {split}.")
+    return B // rows
+  rows = 4 * split if jax.default_backend() == "cpu" else B
+  M = max(1, B // rows)
+  while B % M or (B // M) % split:
+    M -= 1
+  return M
 
 
-def state_shardings(model_cfg, tx, mesh):
+def state_shardings(model_cfg, tx, mesh, param_dtype="float32"):
   """(abstract state, its NamedShardings): optimizer moments are laid out like their params."""
   p_shard = sharding.param_shardings(model_cfg, mesh)
-  abstract_params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
+  abstract_params = jax.eval_shape(
+      lambda: model_lib.init_params(model_cfg, jax.random.key(0), model_lib.Execution(param_dtype=param_dtype)))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   repl = sharding.replicated(mesh)
   opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shard,
@@ -166,25 +163,24 @@ def state_shardings(model_cfg, tx, mesh):
   return abstract, shardings
 
 
-def init_state(model_cfg, tx, shardings, seed: int) -> TrainState:
+def init_state(model, tx, shardings, seed: int) -> TrainState:
   """Created already sharded: no device ever holds the whole unsharded model."""
   def init():
     rng = jax.random.PRNGKey(seed)
-    params = model_lib.init_params(model_cfg, jax.random.fold_in(rng, 1))
+    params = model_lib.init_params(model.cfg, jax.random.fold_in(rng, 1), model.ex)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
   return jax.jit(init, out_shardings=shardings)()
 
 
-def compile_steps(model_cfg, tx, schedule, shardings, mesh, skip_nonfinite: bool):
-  model = model_lib.Transformer(model_cfg)
+def compile_steps(model, tx, schedule, shardings, mesh, micro: int):
+  """The jit'd train step (state donated) and eval step, with their shardings."""
+  batch = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, skip_nonfinite=skip_nonfinite),
-      in_shardings=(shardings, sharding.batch_sharding(mesh, 3)),
-      out_shardings=(shardings, sharding.replicated(mesh)),
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, micro_batches=micro),
+      in_shardings=(shardings, batch), out_shardings=(shardings, sharding.replicated(mesh)),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                    in_shardings=(shardings.params, sharding.batch_sharding(mesh, 2)),
-                    out_shardings=sharding.replicated(mesh))
+                    in_shardings=(shardings.params, batch), out_shardings=sharding.replicated(mesh))
   return step_fn, eval_fn
 
 
@@ -211,45 +207,82 @@ def check_batch(config, mesh) -> None:
     raise ConfigError(f"train.batch_size ({B}) must be divisible by the {jax.process_count()} processes.")
 
 
-def save_config(config, path: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
+def model_for(config, tokenizer) -> model_lib.Transformer:
+  """The model of `config`, V resolved from the tokenizer (padded) and checked against it."""
+  real_vocab = tokenizer_lib.vocab_size(tokenizer)
+  V = config.model.vocab_size or config_lib.padded_vocab_size(real_vocab, config.model.vocab_multiple)
+  if V < real_vocab:
+    raise ConfigError(
+        f"model.vocab_size ({V}) is smaller than the tokenizer's vocabulary ({real_vocab}); "
+        "set model.vocab_size=0 to take it from the tokenizer.")
+  return model_lib.Transformer(config_lib.model_config(config, V), config_lib.execution(config))
 
 
 def _prepare_init_from(config, workdir: str) -> None:
   """Fine-tuning uses the base run's tokenizer, so token ids mean the same thing."""
-  src = os.path.join(config.train.init_from, "tokenizer.json")
+  src = runs.tokenizer_path(config.train.init_from)
   if not os.path.isfile(src):
     raise ConfigError(f"train.init_from={config.train.init_from} has no tokenizer.json; point it at a trained run folder.")
-  dst = os.path.join(workdir, "tokenizer.json")
+  dst = runs.tokenizer_path(workdir)
   if not os.path.exists(dst):
-    tokenizer_lib.save_tokenizer(tokenizer_lib.load_tokenizer(src), dst)
+    runs.atomic_write(dst, tokenizer_lib.load_tokenizer(src).to_str())
 
 
-def _check_init_from_arch(config, model_cfg) -> None:
-  base = config_lib.load_config_json(os.path.join(config.train.init_from, "config.json"))
-  base_cfg = model_lib.model_config(base.model)
-  arch = lambda c: {k: v for k, v in dataclasses.asdict(c).items()
-                    if k not in ("dropout", "attn_dropout", "dtype", "remat", "attention")}
-  a, b = arch(base_cfg), arch(model_cfg)
-  diff = [f"{k}: {a[k]} vs {b[k]}" for k in a if a[k] != b[k]]
+def check_init_from(init_from: str, model_cfg: model_lib.ModelConfig) -> None:
+  """Fine-tuning needs the base run's architecture; execution settings may differ."""
+  base = config_lib.model_config(config_lib.load_config_json(os.path.join(init_from, "config.json")))
+  diff = [f"model.{f.name}: {getattr(base, f.name)} vs {getattr(model_cfg, f.name)}"
+          for f in dataclasses.fields(model_cfg) if getattr(base, f.name) != getattr(model_cfg, f.name)]
   if diff:
     raise ConfigError(
-        f"train.init_from={config.train.init_from} has another architecture ({'; '.join(diff)}); "
+        f"train.init_from={init_from} has another architecture ({'; '.join(diff)}); "
         "fine-tuning needs the same model settings.")
 
 
-# ---------------------------------------------------------------------------- the loop
+@dataclasses.dataclass
+class Run:
+  """Everything the loop needs, built once by `setup`."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  lead: bool                 # process 0: the one that writes files and logs
+  data: Any
+  model: model_lib.Transformer
+  mesh: Any
+  step_fn: Callable
+  eval_fn: Callable
+  state: TrainState
+  start: int
+  valid_batches: list
+  entropy_floor: float | None
+  checkpoints: Any           # CheckpointManager of checkpoints/
+  best: Any                  # CheckpointManager of best/
+  meta: dict                 # written with every checkpoint
+  stopping: "EarlyStopping"
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = print,
-                       stop_at: int | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns a summary dict of the final numbers.
+@dataclasses.dataclass
+class EarlyStopping:
+  """The best validation loss so far and the evaluations since; saved with each checkpoint."""
+  patience: int
+  best_loss: float = math.inf
+  best_step: int | None = None
+  since_best: int = 0
 
-  `stop_at` ends this process early at that step with a checkpoint, as a preemption
-  would; started again, the run continues exactly as if never stopped.
-  """
+  def update(self, loss: float, step: int) -> bool:
+    """Records an evaluation; True when it is a new best."""
+    if loss < self.best_loss:
+      self.best_loss, self.best_step, self.since_best = loss, step, 0
+      return True
+    self.since_best += 1
+    return False
+
+  @property
+  def stop(self) -> bool:
+    return self.patience > 0 and self.since_best >= self.patience
+
+
+def setup(config, workdir: str, log: Callable = print) -> Run:
+  """config -> data -> model -> mesh -> state (restored, fine-tuned from a base run, or fresh)."""
   config_lib.validate(config)
   sharding.set_cpu_devices(config)  # before anything starts JAX
   maybe_initialize_distributed(config)
@@ -259,33 +292,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
     _prepare_init_from(config, workdir)
 
   data = data_lib.load_data(config.data, workdir, t.seq_len)
-  model_cfg = model_for(config, data.tokenizer)
+  model = model_for(config, data.tokenizer)
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy with V filled in
-  config.model.vocab_size = model_cfg.vocab_size
+  config.model.vocab_size = model.cfg.vocab_size
   if lead:
-    save_config(config, os.path.join(workdir, "config.json"))
-
-  if model_cfg.pos_encoding == "learned" and t.seq_len < model_cfg.max_len:
-    log(f"warning: train.seq_len {t.seq_len} < model.max_len {model_cfg.max_len}: learned positions past "
+    runs.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))
+  if model.cfg.pos_encoding == "learned" and t.seq_len < model.cfg.max_len:
+    log(f"warning: train.seq_len {t.seq_len} < model.max_len {model.cfg.max_len}: learned positions past "
         f"{t.seq_len} are never trained, and samples longer than that degrade.")
+
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
+  micro = micro_batches(config, mesh)
   if lead:
     shape = " x ".join(f"{k} {v}" for k, v in mesh.shape.items())
-    log(f"mesh: {shape} over {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    log(f"mesh: {shape} over {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"{micro} micro-batch(es) of {t.batch_size // micro} rows per step")
   schedule = optim.schedule(config.optim, t.steps)
   tx = optim.make_optimizer(config.optim, t.steps)
-  abstract, shardings = state_shardings(model_cfg, tx, mesh)
-  step_fn, eval_fn = compile_steps(model_cfg, tx, schedule, shardings, mesh, skip_nonfinite=True)
+  abstract, shardings = state_shardings(model.cfg, tx, mesh, model.ex.param_dtype)
+  step_fn, eval_fn = compile_steps(model, tx, schedule, shardings, mesh, micro)
 
   fingerprint = tokenizer_lib.fingerprint(data.tokenizer)
   meta = {"jax": jax.__version__, "flax": flax.__version__, "orbax": checkpoint.ocp.__version__,
-          "tokenizer": fingerprint, "num_params": model_lib.num_params(model_cfg)}
-  mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
-  best_mgr = checkpoint.manager(os.path.join(workdir, "best"), keep=1)
-  abstract_sharded = checkpoint.abstract_like(abstract, shardings)
-  restored = checkpoint.restore_latest(mgr, abstract_sharded, log=log)
-  best_loss, evals_since_best = math.inf, 0
+          "tokenizer": fingerprint, "num_params": metrics_lib.num_params(model.cfg)}
+  ckpts = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  best = checkpoint.manager(os.path.join(workdir, "best"), keep=1)
+  abstract = checkpoint.abstract_like(abstract, shardings)
+  stopping = EarlyStopping(patience=t.early_stopping_patience)
+  restored = checkpoint.restore_latest(ckpts, abstract, log=log)
   if restored is not None:
     state, data_state, old_meta, start = restored
     if old_meta.get("tokenizer") != fingerprint:
@@ -295,154 +330,262 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
     if data_state.get("seed") != config.seed:
       raise ConfigError(f"the run in {workdir} was started with seed {data_state.get('seed')}, not {config.seed}; "
                         "keep the seed to resume, or use a new --workdir.")
-    best_loss = old_meta.get("best_loss", math.inf)
-    evals_since_best = old_meta.get("evals_since_best", 0)
+    stopping.best_loss = old_meta.get("best_loss", math.inf)
+    stopping.best_step = old_meta.get("best_step")
+    stopping.since_best = old_meta.get("evals_since_best", 0)
     log(f"resumed from step {start} in {workdir}")
   else:
-    state = init_state(model_cfg, tx, shardings, config.seed)
-    start = 0
+    state, start = init_state(model, tx, shardings, config.seed), 0
     if t.init_from:
-      _check_init_from_arch(config, model_cfg)
-      params, _, base_step = checkpoint.restore_params(t.init_from, "latest", abstract_sharded.params)
+      check_init_from(t.init_from, model.cfg)
+      params, _, base_step = checkpoint.restore_params(t.init_from, "latest", abstract.params)
       state = state.replace(params=params)
       log(f"fine-tuning from {t.init_from} (step {base_step}) with a fresh optimizer")
 
   valid = data_lib.validation_set(data, num_batches=config.data.num_valid_batches,
                                   batch_size=t.batch_size, seq_len=t.seq_len)
-  batch2 = sharding.batch_sharding(mesh, 2)
-  valid_batches = [sharding.global_batch(b, batch2) for b in valid.batches]  # put on devices once
-  floor = valid.entropy_floor
+  batch = sharding.batch_sharding(mesh)
+  valid_batches = [sharding.global_batch(b, batch) for b in valid.batches]  # on the devices once
+  return Run(config=config, workdir=workdir, lead=lead, data=data, model=model, mesh=mesh, step_fn=step_fn,
+             eval_fn=eval_fn, state=state, start=start, valid_batches=valid_batches,
+             entropy_floor=valid.entropy_floor, checkpoints=ckpts, best=best, meta=meta, stopping=stopping)
 
-  writer = metrics_lib.Writer(workdir, enabled=lead)
-  progress = metrics_lib.Progress(t.steps, start, enabled=lead)
-  flops_tok = model_lib.flops_per_token(model_cfg, t.seq_len)
-  peak, peak_source = metrics_lib.peak_flops()
-  tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
-  batch3 = sharding.batch_sharding(mesh, 3)
-  A, B_local = t.grad_accum, t.batch_size // jax.process_count()
 
-  def get_batch(step):
-    local = data_lib.train_batch(data.train, seed=config.seed, step=step, batch_size=t.batch_size * A,
-                                 seq_len=t.seq_len, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-    # (A*B_local, T) -> (A, B_local, T): micro-batch i is rows i*B_local..; same rows whatever A divides.
-    local = {k: v.reshape(A, B_local, *v.shape[1:]) for k, v in local.items()}
-    return sharding.global_batch(local, batch3)
+# ---------------------------------------------------------------------------- periodic work
 
-  def save(state, step, best=False):
-    if not bool(all_finite(state.params)):
-      log(f"warning: parameters at step {step} are not finite; not checkpointed.")
+
+def get_batch(run: Run, step: int) -> dict:
+  """The global (B, T) batch of `step`, assembled from this process's rows."""
+  t = run.config.train
+  local = data_lib.train_batch(run.data.train, seed=run.config.seed, step=step, batch_size=t.batch_size,
+                               seq_len=t.seq_len, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  return sharding.global_batch(local, sharding.batch_sharding(run.mesh))
+
+
+def save_checkpoint(run: Run, step: int, best: bool = False, log: Callable = print) -> None:
+  """Saves the state (async) unless its parameters are not finite."""
+  if not bool(all_finite(run.state.params)):
+    log(f"warning: parameters at step {step} are not finite; not checkpointed.")
+    return
+  s = run.stopping
+  meta = dict(run.meta, best_loss=s.best_loss, best_step=s.best_step, evals_since_best=s.since_best, step=step)
+  checkpoint.save(run.best if best else run.checkpoints, step, run.state, {"seed": run.config.seed, "step": step},
+                  meta)
+
+
+def run_evaluation(run: Run, step: int) -> dict:
+  """Validation loss (and on stories the entropy floor) of the current parameters."""
+  loss = evaluate(run.eval_fn, run.state.params, run.valid_batches)
+  info = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+  if run.entropy_floor is not None:
+    info.update({"eval/entropy_floor": run.entropy_floor, "eval/excess": loss - run.entropy_floor})
+  return info
+
+
+def check_finite(run: Run, metrics: dict, step: int, log: Callable) -> None:
+  """Stops the run on a skipped (non-finite) update when train.nonfinite=stop, else warns."""
+  if metrics["nonfinite"]:
+    if run.config.train.nonfinite == "stop":
+      raise TrainingError(
+          f"non-finite loss or gradient at step {step} (loss {metrics['train/loss']}); the update was "
+          "not applied and the last checkpoint is intact. Lower optim.lr, or set train.nonfinite=skip.")
+    log(f"warning: non-finite loss or gradient at step {step}; update skipped.")
+
+
+class Throughput:
+  """Tokens per second over the training steps since the last reading (evaluation time excluded)."""
+
+  def __init__(self, step: int, tokens_per_step: int):
+    self.tokens_per_step, self.step, self.time = tokens_per_step, step, time.perf_counter()
+
+  def read(self, step: int) -> float:
+    now = time.perf_counter()
+    tps = self.tokens_per_step * (step - self.step) / max(now - self.time, 1e-9)
+    self.step, self.time = step, now
+    return tps
+
+  def restart(self, step: int) -> None:
+    self.step, self.time = step, time.perf_counter()
+
+
+class Profiler:
+  """A JAX profiler trace of the steps in train.profile_steps ("START,END") in WORKDIR/profile."""
+
+  def __init__(self, run: Run):
+    self.window = config_lib.profile_steps(run.config.train) if run.lead else None
+    self.path, self.active = os.path.join(run.workdir, "profile"), False
+
+  def at(self, step: int, state) -> None:
+    """Called before step `step` is dispatched."""
+    if self.window and step == self.window[0]:
+      jax.profiler.start_trace(self.path)
+      self.active = True
+    elif self.window and step == self.window[1]:
+      self.stop(state)
+
+  def stop(self, state) -> None:
+    if self.active:
+      jax.block_until_ready(state)  # the traced steps' device work belongs in the trace
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+@dataclasses.dataclass
+class Reporter:
+  """Training metrics every train.log_every steps and evaluations, to metrics.jsonl, TensorBoard, console."""
+  writer: metrics_lib.Writer
+  progress: metrics_lib.Progress
+  throughput: Throughput
+  flops_per_token: float
+  peak: float
+  steps: int
+  log_every: int
+  last: dict = dataclasses.field(default_factory=dict)   # the newest train metrics fetched
+  tokens_per_sec: float | None = None
+
+  def train(self, metrics: dict, step: int) -> None:
+    self.last = metrics
+    if step % self.log_every and step != self.steps:
       return
-    m = dict(meta, best_loss=best_loss, evals_since_best=evals_since_best, step=step)
-    checkpoint.save(best_mgr if best else mgr, step, state, {"seed": config.seed, "step": step}, m)
+    tps = self.tokens_per_sec = self.throughput.read(step)
+    info = {"train/loss": float(metrics["train/loss"]), "lr": float(metrics["lr"]),
+            "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": tps,
+            "mfu": metrics_lib.mfu(tps, self.flops_per_token, self.peak, jax.device_count())}
+    self.writer.write(step, info)
+    short = {"loss": info["train/loss"], "lr": info["lr"], "tok/s": int(tps)}
+    if self.progress.tty:
+      self.progress.update(step, short, n=0)
+    else:
+      eta = (self.steps - step) * self.throughput.tokens_per_step / max(tps, 1e-9)
+      self.progress.log(metrics_lib.format_line(step, self.steps, dict(short, mfu=info["mfu"]), eta))
 
-  stop = {"signal": None}
-  def on_signal(signum, _frame):
-    stop["signal"] = signum
-  old_handlers = {}
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    try:
-      old_handlers[sig] = signal.signal(sig, on_signal)
-    except ValueError:  # not the main thread
-      pass
+  def eval(self, info: dict, step: int) -> None:
+    self.writer.write(step, info)
+    self.progress.log(metrics_lib.format_line(step, self.steps, info))
+    self.throughput.restart(step)  # evaluation time is not training throughput
 
-  summary = {"workdir": workdir, "start_step": start, "num_params": model_lib.num_params(model_cfg)}
-  pending = None  # step n-1's metrics, read after step n is dispatched
-  window = {"step": start, "time": time.perf_counter()}  # throughput since the last log line
-  train_start = time.perf_counter()
-  last = {}
-  eval_loss = None
-  step = start
-  stopped_reason = "finished"
+  def close(self) -> None:
+    self.progress.close()
+    self.writer.close()
 
-  def handle(metrics_host, at_step):
-    nonlocal last
-    if metrics_host["nonfinite"]:
-      if t.nonfinite == "stop":
-        raise TrainingError(
-            f"non-finite loss or gradient at step {at_step} (loss {metrics_host['train/loss']}); the update was "
-            "not applied and the last checkpoint is intact. Lower optim.lr, or set train.nonfinite=skip.")
-      log(f"warning: non-finite loss or gradient at step {at_step}; update skipped.")
-    last = metrics_host
-    if at_step % t.log_every == 0 or at_step == t.steps:
-      now = time.perf_counter()  # step at_step has finished: its metrics were just fetched
-      tps = tokens_per_step * (at_step - window["step"]) / max(now - window["time"], 1e-9)
-      window.update(step=at_step, time=now)
-      info = {"train/loss": float(metrics_host["train/loss"]), "lr": float(metrics_host["lr"]),
-              "grad_norm": float(metrics_host["grad_norm"]), "tokens_per_sec": tps,
-              "mfu": metrics_lib.mfu(tps, flops_tok, peak, jax.device_count())}
-      writer.write(at_step, info)
-      eta = (t.steps - at_step) * tokens_per_step / max(tps, 1e-9)
-      if progress.tty:
-        progress.update(at_step, {"loss": info["train/loss"], "lr": info["lr"], "tok/s": int(tps)}, n=0)
-      else:
-        progress.log(metrics_lib.format_line(at_step, t.steps, {
-            "loss": info["train/loss"], "lr": info["lr"], "tok/s": int(tps), "mfu": info["mfu"]}, eta))
 
+class StopSignals:
+  """SIGINT/SIGTERM set a flag that the loop reads between steps (a checkpoint, then exit)."""
+
+  def __init__(self):
+    self.signal, self._old = None, {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._old[sig] = signal.signal(sig, self._on_signal)
+      except ValueError:  # not the main thread
+        pass
+
+  def _on_signal(self, signum, _frame):
+    self.signal = signum
+
+  def restore(self) -> None:
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def write_summary(run: Run, **fields) -> dict:
+  """summary.json: how the run stands (status, steps, losses, time); process 0 writes it."""
+  s = run.stopping
+  summary = {"workdir": run.workdir, "steps": run.config.train.steps, "start_step": run.start,
+             "best_eval_loss": s.best_loss if s.best_loss < math.inf else None, "best_step": s.best_step,
+             "entropy_floor": run.entropy_floor, "num_params": run.meta["num_params"], **fields}
+  summary["tokens"] = summary.get("step", run.start) * run.config.train.batch_size * run.config.train.seq_len
+  if run.lead:
+    runs.write_json(os.path.join(run.workdir, "summary.json"), summary)
+  return summary
+
+
+def record(run: Run, report: Reporter, pending: tuple, log: Callable) -> None:
+  """Fetches a dispatched step's (metrics, step) in one host sync, then checks and logs them."""
+  metrics, step = jax.device_get(pending)
+  check_finite(run, metrics, step, log)
+  report.train(metrics, step)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: Callable = print,
+                       stop_at: int | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the summary it writes to summary.json.
+
+  `stop_at` ends this process early at that step with a checkpoint, as a preemption
+  would; started again, the run continues exactly as if never stopped.
+  """
+  run = setup(config, workdir, log)
+  t = run.config.train
+  peak, peak_source = metrics_lib.peak_flops()
+  report = Reporter(metrics_lib.Writer(workdir, enabled=run.lead), metrics_lib.Progress(t.steps, run.start, run.lead),
+                    Throughput(run.start, t.batch_size * t.seq_len),
+                    metrics_lib.flops_per_token(run.model.cfg, t.seq_len), peak, t.steps, t.log_every)
+  profiler, signals = Profiler(run), StopSignals()
+  step, pending, eval_loss = run.start, None, None
+  status, reason = "finished", f"reached train.steps ({t.steps})"
+  wall_start = time.perf_counter()
+  write_summary(run, status="running", stop_reason="", step=step)
   try:
     while step < t.steps:
-      if stop["signal"] is not None or step == stop_at:
-        stopped_reason = f"signal {stop['signal']}" if stop["signal"] is not None else f"stopped at {step}"
+      if signals.signal is not None or step == stop_at:
+        status = "stopped"
+        reason = f"signal {signals.signal}" if signals.signal is not None else f"stopped at step {step}"
         break
-      batch = get_batch(step)
-      state, metrics = step_fn(state, batch)
+      profiler.at(step, run.state)
+      run.state, metrics = run.step_fn(run.state, get_batch(run, step))
       step += 1
-      progress.update(step, {}, n=1)
-      if pending is not None:
-        handle(jax.device_get(pending[0]), pending[1])
+      report.progress.update(step, {}, n=1)
+      if pending is not None:  # step n-1's metrics, fetched once step n is dispatched
+        record(run, report, pending, log)
       pending = (metrics, step)
 
       if step % t.eval_every == 0 or step == t.steps:
-        handle(jax.device_get(pending[0]), pending[1])
+        record(run, report, pending, log)
         pending = None
-        eval_loss = evaluate(eval_fn, state.params, valid_batches)
-        improved = eval_loss < best_loss
-        if improved:
-          best_loss, evals_since_best = eval_loss, 0
-        else:
-          evals_since_best += 1
-        info = {"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0))}
-        if floor is not None:
-          info.update({"eval/entropy_floor": floor, "eval/excess": eval_loss - floor})
-        writer.write(step, info)
-        progress.log(metrics_lib.format_line(step, t.steps, info))
-        if improved:
-          save(state, step, best=True)
-        window.update(step=step, time=time.perf_counter())  # evaluation time is not training throughput
-        if t.early_stopping_patience and evals_since_best >= t.early_stopping_patience:
-          stopped_reason = f"early stopping: no improvement in {evals_since_best} evaluations"
-          progress.log(stopped_reason)
+        info = run_evaluation(run, step)
+        eval_loss = info["eval/loss"]
+        report.eval(info, step)
+        if run.stopping.update(eval_loss, step):
+          save_checkpoint(run, step, best=True, log=log)
+        if run.stopping.stop:
+          status = "early_stopped"
+          reason = f"early stopping: no improvement in {run.stopping.since_best} evaluations"
+          report.progress.log(reason)
           break
       if step % t.checkpoint_every == 0 and step != t.steps:
-        save(state, step)
+        save_checkpoint(run, step, log=log)
     if pending is not None:
-      handle(jax.device_get(pending[0]), pending[1])
-    if not mgr.latest_step() == step:
-      save(state, step)
+      record(run, report, pending, log)
+    if run.checkpoints.latest_step() != step:
+      save_checkpoint(run, step, log=log)
+  except BaseException as err:
+    status, reason = "failed", f"{type(err).__name__}: {err}"
+    raise
   finally:
-    checkpoint.wait(mgr)
-    checkpoint.wait(best_mgr)
-    mgr.close()
-    best_mgr.close()
-    progress.close()
-    writer.close()
-    for sig, handler in old_handlers.items():
-      signal.signal(sig, handler)
-
-  wall = time.perf_counter() - train_start
-  summary.update({
-      "step": step, "stopped": stopped_reason, "wall_s": wall,
-      "train/loss": float(last.get("train/loss", float("nan"))) if last else None,
-      "eval/loss": eval_loss, "best_eval_loss": best_loss if best_loss < math.inf else None,
-      "entropy_floor": floor, "peak_flops": peak, "peak_source": peak_source})
+    profiler.stop(run.state)
+    checkpoint.wait(run.checkpoints)
+    checkpoint.wait(run.best)
+    run.checkpoints.close()
+    run.best.close()
+    report.close()
+    signals.restore()
+    last = report.last
+    summary = write_summary(
+        run, status=status, stop_reason=reason, step=step, wall_s=time.perf_counter() - wall_start,
+        train_loss=float(last["train/loss"]) if last else None, eval_loss=eval_loss,
+        tokens_per_sec=report.tokens_per_sec, peak_flops=peak, peak_source=peak_source)
   return summary
 
 
 def summary_line(s: dict) -> str:
-  parts = [f"done: {s['step']} steps ({s['stopped']}) in {s['wall_s']:.0f} s"]
-  if s.get("eval/loss") is not None:
-    parts.append(f"validation loss {s['eval/loss']:.4f}")
-  if s.get("entropy_floor") is not None and s.get("eval/loss") is not None:
-    parts.append(f"entropy floor {s['entropy_floor']:.4f} (excess {s['eval/loss'] - s['entropy_floor']:.4f})")
+  parts = [f"done: {s['step']} steps ({s['stop_reason']}) in {s['wall_s']:.0f} s"]
+  if s.get("eval_loss") is not None:
+    parts.append(f"validation loss {s['eval_loss']:.4f}")
+  if s.get("entropy_floor") is not None and s.get("eval_loss") is not None:
+    parts.append(f"entropy floor {s['entropy_floor']:.4f} (excess {s['eval_loss'] - s['entropy_floor']:.4f})")
   parts.append(f"run folder {s['workdir']}")
   return "; ".join(parts)

@@ -10,12 +10,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxformer import benchmark, cli
+from jaxformer import allocator, benchmark, cli
 from jaxformer import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -38,6 +36,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
   config_lib.validate(config)
+  malloc_set = allocator.configure()  # as scripts/train.py does
   log = (lambda _: None) if _QUIET.value else (lambda msg: print(msg, file=sys.stderr, flush=True))
   result = benchmark.benchmark(
       config, steps=_STEPS.value, warmup=_WARMUP.value, repeats=_REPEATS.value,
@@ -45,6 +44,7 @@ def main(argv):
       gen_prompt_len=_GEN_PROMPT.value, gen_new_tokens=_GEN_TOKENS.value,
       gen_repeats=_REPEATS.value, peak_matmul_n=_PEAK_N.value, log=log)
   result["config"] = flags.FLAGS["config"].config_filename
+  result["malloc_thresholds_set"] = malloc_set
   print(json.dumps(result, indent=2), flush=True)
 
 

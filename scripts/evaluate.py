@@ -7,10 +7,6 @@ evaluates on another corpus with the run's tokenizer.
 """
 
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging
 from ml_collections import config_flags

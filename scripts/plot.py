@@ -10,15 +10,11 @@ A --workdir may be a glob ('runs/sweeps/lr_warmup/*').
 
 import glob
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxformer import cli, plots
-from jaxformer import config as config_lib
+from jaxformer import cli, plots, runs
 
 COMMANDS = ("loss", "lr", "attention", "positions")
 _WORKDIR = flags.DEFINE_multi_string("workdir", [], "Run folder(s); repeat the flag or use a glob for several.")
@@ -36,7 +32,7 @@ def run_dirs() -> list[str]:
   for pattern in _WORKDIR.value:
     matches = sorted(glob.glob(pattern)) or [pattern]
     # A glob over a sweep folder also matches results.md and such: keep run folders only.
-    dirs += [d for d in matches if os.path.isfile(os.path.join(d, "config.json"))] if len(matches) > 1 else matches
+    dirs += [d for d in matches if os.path.isfile(os.path.join(d, runs.CONFIG))] if len(matches) > 1 else matches
   return dirs
 
 
@@ -44,9 +40,12 @@ def run_config(command: str):
   """The config of --workdir (its config.json) or of --config."""
   dirs = run_dirs()
   if dirs:
-    return config_lib.load_config_json(os.path.join(dirs[0], "config.json"))
+    config = runs.read_config(dirs[0])
+    if config is None:
+      raise FileNotFoundError(f"{dirs[0]} has no config.json; point --workdir at a run folder made by scripts/train.py.")
+    return config
   if _CONFIG.value is None:
-    raise ValueError(f"plot.py {command} needs --workdir=RUN or --config=FILE.")
+    raise cli.UsageError(f"plot.py {command} needs --workdir=RUN or --config=FILE.")
   return _CONFIG.value
 
 
@@ -56,13 +55,16 @@ def main(argv):
   command = argv[1]
   logging.set_verbosity(logging.ERROR)  # JAX and Orbax log at INFO
   if not plots.available():
-    raise ValueError(plots.MISSING)
+    raise cli.UsageError(plots.MISSING)
   dirs = run_dirs()
   out = _OUT.value or os.path.join(dirs[0] if len(dirs) == 1 else "", "plots", f"{command}.png")
   if command == "loss":
     if not dirs:
-      raise ValueError("plot.py loss needs at least one --workdir=RUN.")
-    path = plots.plot_losses(dirs, out, x=_X.value, log_y=_LOG_Y.value)
+      raise cli.UsageError("plot.py loss needs at least one --workdir=RUN.")
+    try:
+      path = plots.plot_losses(dirs, out, x=_X.value, log_y=_LOG_Y.value)
+    except ValueError as err:  # e.g. --x=time for a run that logged no tokens/s
+      raise cli.UsageError(str(err)) from None
   elif command == "lr":
     config = run_config(command)
     path = plots.plot_schedule(config.optim, config.train.steps, out)
@@ -71,8 +73,11 @@ def main(argv):
     path = plots.plot_positions(m.max_len, m.embed_dim, out)
   else:
     if len(dirs) != 1:
-      raise ValueError("plot.py attention needs exactly one --workdir=RUN.")
-    weights, labels = plots.prompt_attention(dirs[0], _PROMPT.value, _CHECKPOINT.value)
+      raise cli.UsageError("plot.py attention needs exactly one --workdir=RUN.")
+    try:
+      weights, labels = plots.prompt_attention(dirs[0], _PROMPT.value, _CHECKPOINT.value)
+    except ValueError as err:  # a prompt longer than the model sees, or characters it never saw
+      raise cli.UsageError(str(err)) from None
     path = plots.plot_attention(weights, labels, out, title=f"{dirs[0]}: attention for {_PROMPT.value!r}")
   print(f"wrote {path}")
 

@@ -8,14 +8,12 @@ Writes WORKDIR/results.md (and .csv) and prints the table.
 
 import os
 import platform
-import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from absl import app, flags, logging
 
-from jaxformer import cli, sweep
+from jaxformer import cli, results, runs, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # corpus -> (its recipe, whether it reads a file given by --<corpus>=PATH)
 CORPORA = {"stories": ("configs/default.py", False),
@@ -42,7 +40,7 @@ def corpus_path(corpus: str, recipe: dict) -> str:
   # The recipes' default paths are relative to the repository root.
   path = given or os.path.normpath(os.path.join(REPO, recipe.data.path))
   if not _REPORT.value and not os.path.isfile(path):
-    raise ValueError(f"the {corpus} text {path} does not exist; pass --{corpus}=PATH or leave {corpus} "
+    raise cli.UsageError(f"the {corpus} text {path} does not exist; pass --{corpus}=PATH or leave {corpus} "
                      "out of --corpora.")
   return os.path.abspath(path)
 
@@ -50,10 +48,10 @@ def corpus_path(corpus: str, recipe: dict) -> str:
 def make_trials() -> list:
   steps = _STEPS.value
   if steps <= 0:
-    raise ValueError(f"--steps must be positive, got {steps}.")
+    raise cli.UsageError(f"--steps must be positive, got {steps}.")
   unknown = [p for p in _PRESETS.value if p not in PRESETS] + [c for c in _CORPORA.value if c not in CORPORA]
   if unknown:
-    raise ValueError(f"unknown preset or corpus: {', '.join(unknown)}; presets are {', '.join(PRESETS)}, "
+    raise cli.UsageError(f"unknown preset or corpus: {', '.join(unknown)}; presets are {', '.join(PRESETS)}, "
                      f"corpora {', '.join(CORPORA)}.")
   fixed = {"model.dropout": 0.0, "train.batch_size": _BATCH.value, "train.seq_len": _SEQ.value,
            "train.steps": steps, "train.eval_every": max(steps // 2, 1),
@@ -72,7 +70,7 @@ def make_trials() -> list:
       axes = {"preset": preset, "corpus": corpus}
       trials.append(sweep.Trial(name=sweep.trial_name(axes), config=recipe_file,
                                 overrides={**fixed, **model, **data}, axes=axes))
-      sweep.apply_overrides(recipe, trials[-1].overrides, "results setting")  # a bad field fails here
+      config_lib.apply_overrides(recipe, trials[-1].overrides, "results setting")  # a bad field fails here
   return trials
 
 
@@ -106,6 +104,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.ERROR)  # JAX logs at INFO
+  if _PARALLEL.value < 1:
+    raise cli.UsageError(f"--parallel must be at least 1, got {_PARALLEL.value}.")
   trials = make_trials()
   workdir = _WORKDIR.value
   train_script = os.path.join(REPO, "scripts", "train.py")
@@ -118,13 +118,11 @@ def main(argv):
     print(f"{len(trials)} runs of {_STEPS.value} steps in {workdir}", flush=True)
     sweep.run_trials(trials, workdir, command_for=command_for, parallel=_PARALLEL.value,
                      log=lambda m: print(m, flush=True))
-  table = sweep.results_table(trials, workdir, machine_note(_STEPS.value))
-  os.makedirs(workdir, exist_ok=True)
-  sweep.write_csv(sweep.result_rows(trials, [sweep.run_summary(os.path.join(workdir, t.name)) for t in trials]),
-                  os.path.join(workdir, "results.csv"))
+  rows = results.result_rows(trials, workdir)
+  table = results.results_table(rows, ["preset", "corpus"], machine_note(_STEPS.value))
+  results.write_csv(rows, os.path.join(workdir, "results.csv"))
   path = os.path.join(workdir, "results.md")
-  with open(path, "w") as f:
-    f.write(table)
+  runs.atomic_write(path, table)
   print(table)
   print(f"wrote {path}")
 

@@ -8,9 +8,6 @@ prompt starts from the end-of-text token, as a new document does in training.
 """
 
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging
 
@@ -33,19 +30,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.ERROR)
   if _NUM.value < 1:
-    raise ValueError(f"--num_samples must be at least 1, got {_NUM.value}.")
+    raise cli.UsageError(f"--num_samples must be at least 1, got {_NUM.value}.")
   sampling.check_settings(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                           top_k=_TOP_K.value, top_p=_TOP_P.value)
   prompt = _PROMPT.value
   if _PROMPT_FILE.value:
     if not os.path.isfile(_PROMPT_FILE.value):
-      raise ValueError(f"--prompt_file={_PROMPT_FILE.value} does not exist; give a readable text file.")
+      raise cli.UsageError(f"--prompt_file={_PROMPT_FILE.value} does not exist; give a readable text file.")
     with open(_PROMPT_FILE.value, encoding="utf-8") as f:
       prompt = f.read()
-  _, model_cfg, params, tok, step = checkpoint.load_run(_WORKDIR.value, _CHECKPOINT.value)
+  _, model, params, tok, step = checkpoint.load_run(_WORKDIR.value, _CHECKPOINT.value)
   tokenizer_lib.encode(tok, prompt)  # refuses characters a char tokenizer has never seen, naming them
   texts = sampling.sample_text(
-      params, model_cfg, tok, [prompt] * _NUM.value, max_new_tokens=_MAX_NEW.value,
+      params, model, tok, [prompt] * _NUM.value, max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
   for i, text in enumerate(texts):
     print(f"--- sample {i + 1} of {len(texts)} (step {step}) ---")

@@ -7,13 +7,12 @@ python scripts/sweep.py --sweep=configs/sweeps/lr_warmup.py [--workdir=DIR] [--p
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxformer import cli, sweep
+from jaxformer import cli, plots, results, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SWEEP = config_flags.DEFINE_config_file("sweep", None, "A sweep file (configs/sweeps/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's folder (default: runs/sweeps/<sweep file name>).")
@@ -34,13 +33,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _SWEEP.value is None:
-    raise ValueError("no sweep given; pass --sweep=configs/sweeps/NAME.py.")
+    raise cli.UsageError("no sweep given; pass --sweep=configs/sweeps/NAME.py.")
   sweep_file = flags.FLAGS["sweep"].config_filename.split(":")[0]
   if not os.path.isfile(sweep_file):  # config_flags defers this error until the config is read
-    raise ValueError(f"the sweep file {sweep_file} does not exist; pass --sweep=configs/sweeps/NAME.py.")
+    raise cli.UsageError(f"the sweep file {sweep_file} does not exist; pass --sweep=configs/sweeps/NAME.py.")
   spec = _SWEEP.value
   if not spec.config:
-    raise ValueError("the sweep names no base config; set config = 'configs/tiny.py' (or another) in the sweep file.")
+    raise cli.UsageError("the sweep names no base config; set config = 'configs/tiny.py' (or another) in the sweep file.")
+  if _PARALLEL.value < 1:
+    raise cli.UsageError(f"--parallel must be at least 1, got {_PARALLEL.value}.")
   spec = spec.copy_and_resolve_references()
   with spec.unlocked():
     spec.config = resolve(spec.config)
@@ -62,7 +63,12 @@ def main(argv):
     except KeyboardInterrupt:
       print("interrupted; the same command resumes the sweep.", file=sys.stderr)
       sys.exit(130)
-  paths = sweep.report(trials, workdir, title=f"sweep {name}")
+  rows, axes = results.result_rows(trials, workdir), list(trials[0].axes)
+  paths = results.write_report(rows, axes, workdir, title=f"sweep {name}")
+  if plots.available():
+    paths["png"] = plots.plot_sweep(rows, axes, os.path.join(workdir, "results.png"))
+  else:
+    print("matplotlib is not installed (pip install 'jaxformer[plot]'); no results.png.")
   with open(paths["md"]) as f:
     print(f.read())
   print("wrote " + ", ".join(paths.values()))

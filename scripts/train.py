@@ -4,14 +4,11 @@ python scripts/train.py [--config=configs/default.py] [--workdir=DIR] [--config.
 """
 
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxformer import checkpoint, cli, sampling, train
+from jaxformer import allocator, checkpoint, cli, sampling, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
@@ -26,12 +23,13 @@ def main(argv):
   config = _CONFIG.value
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename.split(":")[0]))[0]
   workdir = _WORKDIR.value or os.path.join("runs", name)
+  allocator.configure()  # XLA:CPU reuses its large buffers instead of page-faulting them every step
   summary = train.train_and_evaluate(config, workdir)
   print(train.summary_line(summary), flush=True)
   if config.train.num_samples > 0:
-    _, model_cfg, params, tok, _ = checkpoint.load_run(workdir)
+    _, model, params, tok, _ = checkpoint.load_run(workdir)
     texts = sampling.sample_text(
-        params, model_cfg, tok, [""] * config.train.num_samples, max_new_tokens=config.train.sample_tokens,
+        params, model, tok, [""] * config.train.num_samples, max_new_tokens=config.train.sample_tokens,
         temperature=0.8, top_p=0.95, seed=config.seed)
     for i, text in enumerate(texts):
       print(f"\n--- sample {i + 1} (temperature 0.8, top_p 0.95) ---\n{text}")

@@ -13,3 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 1)
+
+from jaxformer import allocator  # noqa: E402
+
+allocator.configure()  # as scripts/train.py does: the tests' train steps reuse their buffers

@@ -14,9 +14,9 @@ from jaxformer import config as config_lib, metrics, train  # noqa: E402
 from jaxformer.config import ConfigError  # noqa: E402
 
 
-def config(cache, mesh, steps=10):
+def config(cache, mesh, steps=10, dropout=0.0):
   c = config_lib.base_config()
-  c.model.update(dict(num_layers=2, num_heads=4, embed_dim=32, max_len=32))
+  c.model.update(dict(num_layers=2, num_heads=4, embed_dim=32, max_len=32, dropout=dropout, attn_dropout=dropout))
   c.data.update(dict(num_stories=300, cache_dir=cache, num_valid_batches=2))
   c.train.update(dict(batch_size=16, seq_len=32, steps=steps, eval_every=steps, log_every=1,
                       checkpoint_every=5, num_samples=0))
@@ -42,6 +42,11 @@ def main(cache, out):
   train.train_and_evaluate(config(cache, (2, 4, 1)), wd, log=quiet, stop_at=5)
   train.train_and_evaluate(config(cache, (2, 2, 2)), wd, log=quiet)
   result["moved"] = losses(wd)
+  # Dropout on: the masks are drawn per row, so 8 devices (one micro-batch) give the losses
+  # of one device (four micro-batches of 4 rows).
+  wd = os.path.join(out, "dropout")
+  train.train_and_evaluate(config(cache, (8, 1, 1), dropout=0.1), wd, log=quiet)
+  result["dropout"] = losses(wd)
   errors = {}
   for name, mesh, batch in (("indivisible", (8, 1, 1), 12), ("too_big", (4, 4, 1), 16)):
     c = config(cache, mesh)

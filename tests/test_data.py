@@ -134,11 +134,11 @@ def test_split_shorter_than_a_window_is_an_error(tmp_path):
     load_data(d, None, seq_len=1000)
 
 
-def test_bpe_vocab_smaller_than_alphabet_is_an_error(tmp_path):
-  d = _data_config(tmp_path, source="text", path=_write(tmp_path / "a.txt", "abc " * 100),
-                   tokenizer="bpe", bpe_vocab_size=200)
-  with pytest.raises(DataError, match="bpe_vocab_size=200 is smaller than the byte-level alphabet"):
-    load_data(d, None, seq_len=4)
+def test_bpe_vocab_smaller_than_alphabet_is_an_error():
+  c = config_lib.base_config()
+  c.data.tokenizer, c.data.bpe_vocab_size = "bpe", 200
+  with pytest.raises(config_lib.ConfigError, match="bpe_vocab_size=200 is smaller than the byte-level alphabet"):
+    config_lib.validate(c)
 
 
 def test_hub_dataset_without_network_is_one_clear_error(tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxformer import checkpoint, evaluate, plots, sweep, train
+from jaxformer import checkpoint, evaluate, plots, runs, train
 from jaxformer import config as config_lib
 from jaxformer.config import ConfigError
 from jaxformer.data import DataError
@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
 
 
 def eval_rows(run_dir):
-  return {r["step"]: r for r in sweep.read_metrics(run_dir) if "eval/loss" in r}
+  return {r["step"]: r for r in runs.read_metrics(run_dir) if "eval/loss" in r}
 
 
 def test_evaluate_gives_back_the_trainers_validation_loss(run_dir):
@@ -47,6 +47,13 @@ def test_evaluate_gives_back_the_trainers_validation_loss(run_dir):
   best = evaluate.evaluate_run(run_dir, "best")
   assert best["loss"] == pytest.approx(min(r["eval/loss"] for r in evals.values()), abs=1e-6)
   json.dumps(best)  # the script prints it as one JSON object
+  # summary.json, which sweeps and the results table read, says the same.
+  summary = runs.read_summary(run_dir)
+  assert (summary["status"], summary["step"], summary["steps"]) == ("finished", 6, 6)
+  assert summary["eval_loss"] == pytest.approx(latest["loss"], abs=1e-6)
+  assert summary["best_eval_loss"] == pytest.approx(best["loss"], abs=1e-6)
+  status = runs.run_status(run_dir)
+  assert status["status"] == "finished" and status["final_eval_loss"] == summary["eval_loss"]
 
 
 def test_evaluate_with_other_windows_and_on_another_corpus(run_dir, tmp_path):
@@ -66,6 +73,9 @@ def test_evaluate_with_other_windows_and_on_another_corpus(run_dir, tmp_path):
 def test_evaluate_errors(run_dir, tmp_path):
   with pytest.raises(ConfigError, match="--config.model.num_layers cannot change at evaluation"):
     evaluate.evaluate_run(run_dir, "latest", {"model.num_layers": 3})
+  with pytest.raises(ConfigError, match=r"^evaluation override 'data.pathh' names no config field \(data has .*; "
+                                        r"did you mean \"path\"\?\); fix the name\.$"):
+    evaluate.evaluate_run(run_dir, "latest", {"data.pathh": "x.txt"})
   with pytest.raises(ConfigError, match="train.seq_len .* is longer than model.max_len"):
     evaluate.evaluate_run(run_dir, "latest", {"train.seq_len": 64})
   with pytest.raises(checkpoint.CheckpointError, match="has no tokenizer.json"):

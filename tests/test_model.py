@@ -1,5 +1,6 @@
 """The model against the guide: shapes, causality, positions, attention, dropout, counts."""
 
+import functools
 import importlib
 import math
 
@@ -9,18 +10,19 @@ import numpy as np
 import pytest
 
 from jaxformer import config as config_lib
+from jaxformer import metrics
 from jaxformer import model as M
 
 V, T = 64, 24
 PES = ("learned", "sinusoidal", "rope")
-ATTS = ("plain", "dot_product")
+KERNELS = ("reference", "xla")  # the cpu kernels are checked against reference in test_kernels.py
 
 
 def small_cfg(**overrides) -> M.ModelConfig:
-  m = config_lib.base_config().model
-  m.update(dict(vocab_size=V, num_layers=2, num_heads=4, embed_dim=32, max_len=32))
-  m.update(overrides)
-  return M.model_config(m)
+  c = config_lib.base_config()
+  c.model.update(dict(vocab_size=V, num_layers=2, num_heads=4, embed_dim=32, max_len=32))
+  c.model.update(overrides)
+  return config_lib.model_config(c)
 
 
 def init(cfg, seed=0):
@@ -31,12 +33,22 @@ def tokens(seed, B=2):
   return jax.random.randint(jax.random.key(seed), (B, T), 0, V)
 
 
+def count_params(params) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+@functools.lru_cache
+def forward(cfg, ex=M.Execution()):
+  """One compiled forward per (architecture, execution), shared by the tests."""
+  return jax.jit(lambda p, x: M.Transformer(cfg, ex).apply({"params": p}, x))
+
+
 @pytest.mark.parametrize("pe", PES)
-@pytest.mark.parametrize("att", ATTS)
-def test_shape_and_causality(pe, att):
-  cfg = small_cfg(pos_encoding=pe, attention=att)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_shape_and_causality(pe, kernels):
+  cfg = small_cfg(pos_encoding=pe)
   params = init(cfg)
-  apply = jax.jit(lambda p, x: M.Transformer(cfg).apply({"params": p}, x))
+  apply = forward(cfg, M.Execution(kernels=kernels))
   x = tokens(1)
   logits = apply(params, x)
   assert logits.shape == (2, T, V) and logits.dtype == jnp.float32
@@ -48,12 +60,12 @@ def test_shape_and_causality(pe, att):
   assert float(jnp.max(jnp.abs(logits[:, t + 1:] - logits2[:, t + 1:]))) > 1e-3
 
 
-@pytest.mark.parametrize("att", ATTS)
-def test_sliding_window_sees_only_last_w_tokens(att):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_sliding_window_sees_only_last_w_tokens(kernels):
   W = 4
-  cfg = small_cfg(attention=att, sliding_window=W, num_layers=1)
+  cfg = small_cfg(sliding_window=W, num_layers=1)
   params = init(cfg)
-  apply = jax.jit(lambda p, x: M.Transformer(cfg).apply({"params": p}, x))
+  apply = forward(cfg, M.Execution(kernels=kernels))
   x = tokens(2)
   t = 15
   # With one layer, position t depends on tokens t-W+1..t only.
@@ -92,76 +104,104 @@ def test_rope_preserves_norm_and_is_relative():
     diag = np.diagonal(dots, offset=-offset)
     np.testing.assert_allclose(diag, diag[0], rtol=1e-4, atol=1e-5)
   assert abs(dots[3, 0] - dots[3, 3]) > 1e-3  # position does matter
+  # Half-split layout: channel i turns with channel i + D/2 by t·base^(-2i/D).
+  t, i = 3, 1
+  angle = t * 10000.0 ** (-2 * i / D)
+  x = np.zeros((1, L, 1, D), np.float32)
+  x[0, t, 0, i] = 1.0
+  out = np.asarray(M.apply_rope(jnp.asarray(x), 10000.0))[0, t, 0]
+  np.testing.assert_allclose([out[i], out[i + D // 2]], [math.cos(angle), math.sin(angle)], atol=1e-6)
 
 
-@pytest.mark.parametrize("pe", PES)
-def test_attention_implementations_agree(pe):
-  params = init(small_cfg(pos_encoding=pe))
+@pytest.mark.parametrize("pe,window", [("learned", 0), ("sinusoidal", 0), ("rope", 0), ("learned", 5)])
+def test_attention_kernels_agree(pe, window):
+  cfg = small_cfg(pos_encoding=pe, sliding_window=window)
+  params = init(cfg)
   x = tokens(3)
-  outs = [M.Transformer(small_cfg(pos_encoding=pe, attention=a)).apply({"params": params}, x) for a in ATTS]
+  outs = [forward(cfg, M.Execution(kernels=k))(params, x) for k in KERNELS]
   np.testing.assert_allclose(outs[0], outs[1], atol=2e-5, rtol=2e-5)
 
 
-def test_sliding_window_implementations_agree():
-  params = init(small_cfg())
-  x = tokens(4)
-  outs = [M.Transformer(small_cfg(attention=a, sliding_window=5)).apply({"params": params}, x) for a in ATTS]
-  np.testing.assert_allclose(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+def test_plain_attention_weights_are_sown():
+  """kernels="reference" records the (B, H, T, T) softmax weights of every layer (for plots)."""
+  cfg = small_cfg()
+  params = init(cfg)
+  _, state = M.Transformer(cfg).apply({"params": params}, tokens(4), mutable=["intermediates"])
+  for i in range(cfg.num_layers):
+    (w,) = state["intermediates"][f"block_{i}"]["attn"]["attention_weights"]
+    assert w.shape == (2, 4, T, T)
+    np.testing.assert_allclose(jnp.sum(w, -1), 1.0, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(jnp.triu(w, k=1)))) == 0.0  # causal: nothing above the diagonal
 
 
 def test_dropout_only_in_training():
-  cfg = small_cfg(dropout=0.2, attn_dropout=0.1)
+  cfg = small_cfg()
+  net = M.Transformer(cfg, M.Execution(dropout=0.2, attn_dropout=0.1))
   params = init(cfg)
-  net = M.Transformer(cfg)
   x = tokens(5)
   a = net.apply({"params": params}, x)
-  b = net.apply({"params": params}, x)
-  np.testing.assert_array_equal(a, b)
-  t1 = net.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
-  t2 = net.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
-  t1b = net.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+  np.testing.assert_array_equal(a, net.apply({"params": params}, x))
+  train = jax.jit(lambda key: net.apply({"params": params}, x, train=True, rngs={"dropout": key}))
+  t1, t2, t1b = train(jax.random.key(1)), train(jax.random.key(2)), train(jax.random.key(1))
   assert float(jnp.max(jnp.abs(t1 - t2))) > 1e-3
   assert float(jnp.max(jnp.abs(t1 - a))) > 1e-3
   np.testing.assert_array_equal(t1, t1b)
 
 
+@pytest.mark.parametrize("kernels,attn_dropout", [("reference", 0.1), ("cpu", 0.1), ("cpu", 0.0)])
+def test_dropout_masks_are_drawn_per_row(kernels, attn_dropout):
+  """A row's masks depend on its row id only: rows computed alone equal the whole batch's."""
+  cfg = small_cfg()
+  net = M.Transformer(cfg, M.Execution(kernels=kernels, dropout=0.1, attn_dropout=attn_dropout))
+  params = init(cfg)
+  x = tokens(6, B=4)
+  apply = jax.jit(lambda x, ids: net.apply({"params": params}, x, train=True, row_ids=ids,
+                                           rngs={"dropout": jax.random.key(7)}))
+  whole = apply(x, jnp.arange(4))
+  alone = apply(x[2:], jnp.array([2, 3]))
+  np.testing.assert_allclose(alone, whole[2:], rtol=1e-6, atol=1e-6)
+  as_first = apply(x[2:], jnp.array([0, 1]))
+  assert float(jnp.max(jnp.abs(as_first - whole[2:]))) > 1e-3
+
+
 def test_tied_head_is_one_matrix_and_untied_adds_one():
-  tied, untied = small_cfg(tie_embeddings=True), small_cfg(tie_embeddings=False)
-  p_tied, p_untied = init(tied), init(untied)
+  p_tied, p_untied = init(small_cfg(tie_embeddings=True)), init(small_cfg(tie_embeddings=False))
   assert "head" not in p_tied and p_untied["head"]["kernel"].shape == (32, V)
-  assert M.count_params(p_untied) - M.count_params(p_tied) == 32 * V
+  assert count_params(p_untied) - count_params(p_tied) == 32 * V
 
 
-def test_bias_free_and_relu_and_remat_variants():
-  for over in (dict(use_bias=False), dict(activation="relu"), dict(activation="gelu_tanh"), dict(remat=True)):
+def test_bias_free_and_activation_variants():
+  x = tokens(6)
+  for over in (dict(use_bias=False), dict(activation="relu"), dict(activation="gelu_tanh")):
     cfg = small_cfg(**over)
     params = init(cfg)
-    assert M.count_params(params) == M.num_params(cfg), over
-    assert M.Transformer(cfg).apply({"params": params}, tokens(6)).shape == (2, T, V)
+    assert count_params(params) == metrics.num_params(cfg), over
+    assert forward(cfg)(params, x).shape == (2, T, V)
   assert not any("bias" in "/".join(map(str, k)) for k, _ in
                  jax.tree_util.tree_flatten_with_path(init(small_cfg(use_bias=False)))[0])
 
 
 def test_remat_gives_same_gradients():
-  cfg, cfg_r = small_cfg(), small_cfg(remat=True)
+  cfg = small_cfg()
   params = init(cfg)
   x = tokens(7)
 
-  def loss(p, c):
-    return jnp.mean(M.Transformer(c).apply({"params": p}, x) ** 2)
+  def loss(p, ex):
+    return jnp.mean(M.Transformer(cfg, ex).apply({"params": p}, x) ** 2)
 
-  g1, g2 = jax.grad(loss)(params, cfg), jax.grad(loss)(params, cfg_r)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  g1, g2 = grad(params, M.Execution()), grad(params, M.Execution(remat=True))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  cfg = small_cfg(dtype="bfloat16")
-  params = init(cfg)
+  cfg = small_cfg()
+  ex = M.Execution(dtype="bfloat16")
+  params = M.init_params(cfg, jax.random.key(0), ex)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
-  logits = M.Transformer(cfg).apply({"params": params}, tokens(8))
+  logits = forward(cfg, ex)(params, tokens(8))
   assert logits.dtype == jnp.float32
-  ref = M.Transformer(small_cfg()).apply({"params": params}, tokens(8))
-  np.testing.assert_allclose(logits, ref, atol=0.1)
+  np.testing.assert_allclose(logits, forward(cfg)(params, tokens(8)), atol=0.1)
 
 
 def test_init_statistics():
@@ -178,7 +218,7 @@ def test_loss_at_init_is_near_log_v():
   params = init(cfg)
   x = tokens(9, B=8)
   y = jax.random.randint(jax.random.key(10), x.shape, 0, V)
-  logits = jax.jit(lambda p, x: M.Transformer(cfg).apply({"params": p}, x))(params, x)
+  logits = forward(cfg)(params, x)
   loss = float(jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[..., None], -1)[..., 0]))
   assert abs(loss - math.log(V)) < 0.05, loss
 
@@ -188,17 +228,79 @@ def test_loss_at_init_is_near_log_v():
     ("gpt2", 124_439_808)])
 def test_param_counts_of_presets(preset, expected):
   c = importlib.import_module(f"configs.{preset}").get_config()
-  vocab = c.model.vocab_size or 64  # stories presets: a 64-id char vocabulary
-  cfg = M.model_config(c.model, vocab)
+  cfg = config_lib.model_config(c, c.model.vocab_size or 64)  # stories presets: a 64-id char vocabulary
   shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
-  assert M.count_params(shapes) == M.num_params(cfg) == expected
+  assert count_params(shapes) == metrics.num_params(cfg) == expected
+
+
+def test_flops_per_token_counts_matmul_weights():
+  cfg = small_cfg(num_layers=2, max_len=32)
+  C, L = cfg.embed_dim, cfg.num_layers
+  n = metrics.num_params(cfg) - 32 * C  # the learned position table is no matmul
+  assert metrics.flops_per_token(cfg, 16) == 6.0 * n + 12.0 * L * 16 * C
+  # Untied: the head is a matmul and the input lookup is not, so the count is the same.
+  assert metrics.flops_per_token(small_cfg(tie_embeddings=False), 16) == metrics.flops_per_token(cfg, 16)
+  # Blocked attention skips masked blocks; the others compute all T² pairs.
+  assert metrics.forward_flops(cfg, 256, kernels="cpu") < metrics.forward_flops(cfg, 256)
+  assert metrics.forward_flops(cfg, 32, kernels="xla") == metrics.forward_flops(cfg, 32)
 
 
 def test_gpt2_preset_is_gpt2_small():
-  cfg = M.model_config(importlib.import_module("configs.gpt2").get_config().model)
+  cfg = config_lib.model_config(importlib.import_module("configs.gpt2").get_config())
   assert (cfg.num_layers, cfg.num_heads, cfg.embed_dim, cfg.vocab_size, cfg.max_len) == (12, 12, 768, 50257, 1024)
   assert cfg.pos_encoding == "learned" and cfg.tie_embeddings and cfg.use_bias
   assert cfg.activation == "gelu_tanh" and cfg.ln_eps == 1e-5
+
+
+
+def numpy_gpt2(params, ids, ln_eps):
+  """GPT-2's forward for one row in float64 numpy, as nanoGPT writes it: learned positions,
+  pre-LN blocks, tanh GELU, the head tied to the token embedding."""
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+
+  def ln(x, q):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + ln_eps) * q["scale"] + q["bias"]
+
+  def gelu(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+  T = len(ids)
+  x = p["embed"]["embedding"][ids] + p["pos_embed"][:T]  # (T, C)
+  for i in range(sum(k.startswith("block_") for k in p)):
+    b = p[f"block_{i}"]
+    qkv = np.einsum("tc,cshd->tshd", ln(x, b["ln1"]), b["attn"]["qkv"]["kernel"]) + b["attn"]["qkv"]["bias"]
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (T, H, D)
+    att = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
+    att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
+    att = np.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    y = np.einsum("hqk,khd->qhd", att, v)
+    x = x + np.einsum("thd,hdc->tc", y, b["attn"]["proj"]["kernel"]) + b["attn"]["proj"]["bias"]
+    h = gelu(ln(x, b["ln2"]) @ b["mlp"]["fc"]["kernel"] + b["mlp"]["fc"]["bias"])
+    x = x + h @ b["mlp"]["proj"]["kernel"] + b["mlp"]["proj"]["bias"]
+  return ln(x, p["ln_f"]) @ p["embed"]["embedding"].T  # (T, V)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "cpu"])
+def test_gpt2_architecture_matches_a_numpy_gpt2(kernels):
+  """The gpt2 preset's architecture, shrunk, computes GPT-2's function (so its weights would load)."""
+  c = importlib.import_module("configs.gpt2").get_config()
+  c.model.update(dict(num_layers=2, num_heads=4, embed_dim=32, max_len=32, vocab_size=V))
+  cfg = config_lib.model_config(c)
+  leaves, tree = jax.tree_util.tree_flatten(init(cfg))
+  keys = jax.random.split(jax.random.key(11), len(leaves))
+  # Noise on every parameter, so LayerNorm scales and all biases take part.
+  params = jax.tree_util.tree_unflatten(
+      tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  x = tokens(12)
+  logits = forward(cfg, M.Execution(kernels=kernels))(params, x)
+  for b in range(2):
+    np.testing.assert_allclose(logits[b], numpy_gpt2(params, np.asarray(x[b]), cfg.ln_eps),
+                               rtol=1e-5, atol=1e-6)
+
+def _escaped(message):
+  return message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -210,16 +312,38 @@ def test_gpt2_preset_is_gpt2_small():
     (dict(dropout=1.0), "model.dropout must be in [0, 1)"),
     (dict(attn_dropout=-0.1), "model.attn_dropout must be in [0, 1)"),
     (dict(pos_encoding="alibi"), "model.pos_encoding must be one of"),
-    (dict(attention="flash"), "model.attention must be one of"),
-    (dict(attention="dot_product", attn_dropout=0.1), "has no attention-weight dropout"),
     (dict(activation="swish"), "model.activation must be one of"),
 ])
 def test_model_validation_errors(overrides, message):
-  m = config_lib.base_config().model
-  m.update(overrides)
-  with pytest.raises(config_lib.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")
-                     .replace(")", r"\)").replace(".", r"\.")):
-    M.model_config(m, V)
+  c = config_lib.base_config()
+  c.model.update(overrides)
+  with pytest.raises(config_lib.ConfigError, match=_escaped(message)):
+    config_lib.model_config(c, V)
+
+
+@pytest.mark.parametrize("model,compute,message", [
+    ({}, dict(kernels="flash"), "compute.kernels must be one of"),
+    (dict(attn_dropout=0.1), dict(kernels="xla"), "has no attention-weight dropout"),
+    ({}, dict(kernels="cudnn"), "runs in bfloat16 or float16 only"),
+    ({}, dict(dtype="float64"), "compute.dtype must be one of"),
+    ({}, dict(matmul_dtype="int8"), "compute.matmul_dtype must be"),
+])
+def test_compute_validation_errors(model, compute, message):
+  c = config_lib.base_config()
+  c.model.update(model)
+  c.compute.update(compute)
+  with pytest.raises(config_lib.ConfigError, match=_escaped(message)):
+    config_lib.execution(c)
+
+
+def test_execution_comes_from_compute_and_model_dropout():
+  c = config_lib.base_config()
+  c.compute.update(dict(kernels="reference", remat=True))
+  c.model.update(dict(dropout=0.1, attn_dropout=0.2))
+  assert config_lib.execution(c) == M.Execution(kernels="reference", remat=True, dropout=0.1,
+                                                attn_dropout=0.2)
+  with pytest.raises(ValueError, match="unknown kernels 'blocked'"):
+    M.Execution(kernels="blocked")
 
 
 def test_sequence_longer_than_max_len_is_refused():

@@ -10,39 +10,46 @@ import numpy as np
 import pytest
 
 from jaxformer import config as config_lib, model as model_lib, plots
-from test_sweep import fake_run
+from test_runs import fake_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def micro_model(**changes):
-  c = config_lib.base_config().model
-  c.update(dict(num_layers=2, num_heads=2, embed_dim=32, max_len=32, **changes))
-  return model_lib.model_config(c, 64)
+def micro_model(kernels, **changes):
+  c = config_lib.base_config()
+  c.model.update(dict(num_layers=2, num_heads=2, embed_dim=32, max_len=32, **changes))
+  c.compute.kernels = kernels
+  return model_lib.Transformer(config_lib.model_config(c, 64), config_lib.execution(c))
+
+
+def allowed(T, window):
+  """Causal (and sliding-window) attention, written out: query q sees keys k <= q, the last `window` of them."""
+  q, k = np.arange(T)[:, None], np.arange(T)[None, :]
+  return (k <= q) & ((q - k < window) if window else True)
 
 
 @pytest.mark.parametrize("changes", [{}, {"pos_encoding": "rope", "sliding_window": 4},
-                                     {"attention": "dot_product", "pos_encoding": "sinusoidal"}])
+                                     {"pos_encoding": "sinusoidal", "use_bias": False}])
 def test_attention_weights_are_the_ones_the_model_uses(changes):
-  cfg = micro_model(**changes)
-  params = model_lib.init_params(cfg, jax.random.key(0))
+  model = micro_model("cpu", **changes)  # a run trained with the CPU kernels; the plot uses the reference ones
+  params = model_lib.init_params(model.cfg, jax.random.key(0), model.ex)
   ids = np.array([63, 5, 9, 2, 7, 7, 1, 30, 12, 4])
-  weights = plots.attention_weights(params, cfg, ids)  # (L, H, T, T)
+  weights = plots.attention_weights(params, model, ids)  # (L, H, T, T)
   T = len(ids)
   assert weights.shape == (2, 2, T, T)
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
-  allowed = model_lib.causal_mask(T, cfg.sliding_window)
-  assert np.all(weights[..., ~allowed] == 0)
+  mask = allowed(T, model.cfg.sliding_window)
+  assert np.all(weights[..., ~mask] == 0) and np.all(weights[..., mask] > 0)
   # weights @ v through the output projection is the attention layer's output.
-  capture = lambda p, x: model_lib.Transformer(cfg).apply(
+  capture = lambda p, x: model.apply(
       {"params": p}, x, mutable=["intermediates"], capture_intermediates=lambda mdl, _: mdl.name in ("qkv", "attn"))
   _, state = jax.jit(capture)(params, jnp.asarray(ids)[None])
-  for i in range(cfg.num_layers):
+  for i in range(model.cfg.num_layers):
     layer = state["intermediates"][f"block_{i}"]["attn"]
     v = layer["qkv"]["__call__"][0][0, :, 2]  # (T, H, D)
     proj = params[f"block_{i}"]["attn"]["proj"]
     y = jnp.einsum("hqk,khd->qhd", weights[i], v)
-    y = jnp.einsum("qhd,hdc->qc", y, proj["kernel"]) + proj["bias"]
+    y = jnp.einsum("qhd,hdc->qc", y, proj["kernel"]) + proj.get("bias", 0.0)
     np.testing.assert_allclose(y, layer["__call__"][0][0], atol=2e-5)
 
 
@@ -93,3 +100,13 @@ def test_plot_script(tmp_path):
   assert out.stdout.strip() == "wrote plots/lr.png" and os.path.getsize(tmp_path / "plots" / "lr.png") > 1000
   out = plot("loss")
   assert out.returncode == 1 and out.stderr.strip() == "error: plot.py loss needs at least one --workdir=RUN."
+  # A glob over a sweep folder keeps the run folders (results.md is not one).
+  fake_run(str(tmp_path / "sweep" / "a"), steps=8, total=8, evals={4: 3.0, 8: 2.5})
+  fake_run(str(tmp_path / "sweep" / "b"), steps=8, total=8, evals={4: 3.1, 8: 2.7})
+  (tmp_path / "sweep" / "results.md").write_text("| a table |\n")
+  out = plot("loss", "--workdir=sweep/*", "--x=tokens")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "wrote plots/loss.png" and os.path.getsize(tmp_path / "plots" / "loss.png") > 1000
+  out = plot("positions", f"--workdir={tmp_path}")
+  assert out.returncode == 1 and out.stderr.strip() == (
+      f"error: {tmp_path} has no config.json; point --workdir at a run folder made by scripts/train.py.")

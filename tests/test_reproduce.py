@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import from_run
-from jaxformer import checkpoint, config as config_lib, train
+from jaxformer import checkpoint, config as config_lib, runs, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +47,13 @@ def test_a_run_started_from_its_config_json_repeats_it_bitwise(tmp_path):
   a, b = metric_rows(original), metric_rows(again)
   assert len(a) == 4 + 2 and any("eval/loss" in r for r in a)
   assert a == b  # every loss, learning rate and gradient norm, exactly
+  # summary.json's numbers too (all but the timings).
+  keys = ("status", "step", "steps", "train_loss", "eval_loss", "best_eval_loss", "best_step", "entropy_floor",
+          "num_params", "tokens")
+  first, second = ({k: runs.read_summary(d)[k] for k in keys} for d in (original, again))
+  assert first == second and (first["status"], first["step"], first["tokens"]) == ("finished", 4, 4 * 8 * 32)
+  evals = [r["eval/loss"] for r in a if "eval/loss" in r]
+  assert first["eval_loss"] == evals[-1] and first["best_eval_loss"] == min(evals)
   for x, y in zip(jax.tree_util.tree_leaves(checkpoint.load_run(original)[2]),
                   jax.tree_util.tree_leaves(checkpoint.load_run(again)[2])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

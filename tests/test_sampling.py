@@ -12,6 +12,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from jaxformer import config as config_lib
+from jaxformer import metrics
 from jaxformer import model as model_lib
 from jaxformer import sampling
 
@@ -70,16 +71,16 @@ def kept(row):
 # --- fixtures -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cfg():
-  m = config_lib.base_config().model
-  m.num_layers, m.num_heads, m.embed_dim, m.max_len, m.vocab_size = 2, 2, 32, MAX_LEN, V
-  return model_lib.model_config(m)
+def model():
+  """The tiny model with the default execution (the CPU kernels)."""
+  c = config_lib.base_config()
+  c.model.update(dict(num_layers=2, num_heads=2, embed_dim=32, max_len=MAX_LEN, vocab_size=V))
+  return model_lib.Transformer(config_lib.model_config(c), config_lib.execution(c))
 
 
 @pytest.fixture(scope="module")
-def params(cfg):
-  p = nn.unbox(jax.jit(model_lib.Transformer(cfg).init)(
-      jax.random.key(0), jnp.zeros((1, MAX_LEN), jnp.int32))["params"])
+def params(model):
+  p = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, MAX_LEN), jnp.int32))["params"])
   # A larger (tied) embedding makes the logits decisive, so greedy never rests on a near tie.
   return {**p, "embed": {"embedding": p["embed"]["embedding"] * 10.0}}
 
@@ -99,18 +100,17 @@ def char_tok():
 
 
 @functools.lru_cache
-def _forward(cfg):
+def _forward(model):
   # jit per window length: eager op-by-op Flax is far slower for this many steps.
-  module = model_lib.Transformer(cfg)
-  return jax.jit(lambda params, x: module.apply({"params": params}, x))
+  return jax.jit(lambda params, x: model.apply({"params": params}, x))
 
 
-def python_greedy(params, cfg, prompt, num_new, valid_vocab):
+def python_greedy(params, model, prompt, num_new, valid_vocab):
   """The guide's loop: crop to the last max_len ids, full forward, argmax, append."""
   seq = list(prompt)
   for _ in range(num_new):
-    window = jnp.asarray([seq[-cfg.max_len:]], jnp.int32)
-    logits = np.array(_forward(cfg)(params, window))[0, -1]
+    window = jnp.asarray([seq[-model.cfg.max_len:]], jnp.int32)
+    logits = np.array(_forward(model)(params, window))[0, -1]
     logits[valid_vocab:] = -np.inf
     seq.append(int(np.argmax(logits)))
   return seq
@@ -255,26 +255,26 @@ def test_sampled_frequencies_match_processed_distribution(t, k, p):
 
 # --- the loop -----------------------------------------------------------------
 
-def test_greedy_matches_python_loop_past_max_len(params, cfg):
+def test_greedy_matches_python_loop_past_max_len(params, model):
   # Prompts of 10+ ids keep the reference's per-length compilations few; the growing
   # window from one id is covered by the stub-model test below.
   prompts = [list(range(1, 11)), list(range(5, 17)), list(range(20, 33))]
   buf, lens = buffer_of(prompts)
   tokens, lengths = sampling.generate(
-      params, cfg, buf, lens, sampling.row_keys(0, B), max_new_tokens=21, temperature=0.0,
+      params, model, buf, lens, sampling.row_keys(0, B), max_new_tokens=21, temperature=0.0,
       eos_id=-1, valid_vocab=VALID)
   tokens, lengths = np.asarray(tokens), np.asarray(lengths)
   # Row 0 stops after 21 new ids; rows 1 and 2 stop when the buffer of 32 is full.
   np.testing.assert_array_equal(lengths, [31, 32, 32])
   assert lengths.min() > MAX_LEN  # every row ran past the context, so the window slid
   for b, prompt in enumerate(prompts):
-    ref = python_greedy(params, cfg, prompt, lengths[b] - len(prompt), VALID)
+    ref = python_greedy(params, model, prompt, lengths[b] - len(prompt), VALID)
     np.testing.assert_array_equal(tokens[b, :lengths[b]], ref)
 
 
-def test_no_recompilation_across_prompts_and_settings(params, cfg):
+def test_no_recompilation_across_prompts_and_settings(params, model):
   buf, lens = buffer_of([[1, 2], [3], [4, 5, 6]])
-  sampling.generate(params, cfg, buf, lens, sampling.row_keys(0, B), max_new_tokens=3)
+  sampling.generate(params, model, buf, lens, sampling.row_keys(0, B), max_new_tokens=3)
   size = sampling._generate._cache_size()
   settings = [
       dict(max_new_tokens=5, temperature=0.0, top_k=0, top_p=1.0, eos_id=-1, valid_vocab=VALID),
@@ -288,27 +288,27 @@ def test_no_recompilation_across_prompts_and_settings(params, cfg):
   prompt_sets = [[[9] * 7, [1], [2, 3]], [[1] * 20, list(range(30)), [5]], [[4], [4], [4]]]
   for seed, (kw, prompts) in enumerate(zip(settings, prompt_sets + [prompt_sets[0]])):
     buf, lens = buffer_of(prompts)
-    jax.block_until_ready(sampling.generate(params, cfg, buf, lens,
+    jax.block_until_ready(sampling.generate(params, model, buf, lens,
                                             sampling.row_keys(seed, B), **kw))
   assert sampling._generate._cache_size() == size
 
 
-def test_mixed_length_batch_equals_rows_alone(params, cfg):
+def test_mixed_length_batch_equals_rows_alone(params, model):
   prompts = [[1, 2], list(range(3, 12)), [20, 21, 22, 23, 24]]
   keys = sampling.row_keys(11, B)
   kw = dict(max_new_tokens=25, temperature=1.0, top_k=20, top_p=0.9, eos_id=-1,
             valid_vocab=VALID)
   buf, lens = buffer_of(prompts)
-  tokens, lengths = map(np.asarray, sampling.generate(params, cfg, buf, lens, keys, **kw))
+  tokens, lengths = map(np.asarray, sampling.generate(params, model, buf, lens, keys, **kw))
   for b, prompt in enumerate(prompts):
     one_buf, one_len = buffer_of([prompt])
-    alone, alone_len = map(np.asarray, sampling.generate(params, cfg, one_buf, one_len,
+    alone, alone_len = map(np.asarray, sampling.generate(params, model, one_buf, one_len,
                                                         keys[b:b + 1], **kw))
     assert alone_len[0] == lengths[b]
     np.testing.assert_array_equal(alone[0, :alone_len[0]], tokens[b, :lengths[b]])
   assert np.all(tokens[:, :lengths.min()].max() < VALID)
   # Different keys give different samples (the loop is really sampling).
-  other, _ = sampling.generate(params, cfg, buf, lens, sampling.row_keys(12, B), **kw)
+  other, _ = sampling.generate(params, model, buf, lens, sampling.row_keys(12, B), **kw)
   assert not np.array_equal(np.asarray(other), tokens)
 
 
@@ -364,27 +364,57 @@ def test_sliding_window_with_stub_model():
   np.testing.assert_array_equal(lengths, [18, 20, 29])
 
 
-def test_generate_rejects_bad_prompt_lengths(params, cfg):
+def test_bucketed_loop_equals_full_window_loop():
+  """A causal stub that reads its whole window: buckets must not change one id."""
+  Vs, W = 16, 20
+
+  def logits_fn(w):  # position t: (sum of ids up to t + t) mod V, so every earlier id matters
+    nxt = (jnp.cumsum(w, axis=1) + jnp.arange(w.shape[1])) % Vs
+    return 10.0 * jax.nn.one_hot(nxt, Vs)
+
+  buf = np.zeros((3, 48), np.int32)
+  buf[0, :1], buf[1, :3], buf[2, :25] = [4], [1, 2, 3], np.arange(25) % Vs
+  lens = np.array([1, 3, 25], np.int32)
+  kw = dict(window=W, max_new_tokens=30, temperature=0.0, top_k=0, top_p=1.0, eos_id=-1,
+            valid_vocab=Vs)
+  run = lambda b: jax.jit(lambda t, l, k: sampling.decode_loop(logits_fn, t, l, k, buckets=b, **kw))(
+      jnp.asarray(buf), jnp.asarray(lens), sampling.row_keys(0, 3))
+  (t1, l1), (t2, l2) = run(()), run((4, 8, 16))
+  np.testing.assert_array_equal(l1, l2)
+  np.testing.assert_array_equal(t1, t2)
+  assert sampling.window_buckets(256) == (32, 64, 128) and sampling.window_buckets(32) == ()
+
+
+def test_decode_flops_follow_the_buckets_and_kernels(model):
+  # max_len 16: no buckets below it, so every step runs the window (up to the buffer's 16).
+  f = lambda T, kernels: metrics.forward_flops(model.cfg, T, last_only=True, kernels=kernels)
+  assert sampling.decode_flops(model, 3, 4, 64) == 4 * f(16, "cpu")
+  assert sampling.decode_flops(model, 3, 4, 8) == 4 * f(8, "cpu")
+  reference = model_lib.Transformer(model.cfg, model_lib.Execution(kernels="reference"))
+  assert sampling.decode_flops(reference, 3, 4, 64) == 4 * f(16, "reference")
+
+
+def test_generate_rejects_bad_prompt_lengths(params, model):
   buf, _ = buffer_of([[1], [2], [3]])
   with pytest.raises(ValueError, match="prompt lengths"):
-    sampling.generate(params, cfg, buf, np.array([1, 0, 2]), sampling.row_keys(0, B),
+    sampling.generate(params, model, buf, np.array([1, 0, 2]), sampling.row_keys(0, B),
                       max_new_tokens=3)
   with pytest.raises(ValueError, match="prompt lengths"):
-    sampling.generate(params, cfg, buf, np.array([1, L + 1, 2]), sampling.row_keys(0, B),
+    sampling.generate(params, model, buf, np.array([1, L + 1, 2]), sampling.row_keys(0, B),
                       max_new_tokens=3)
 
 
 # --- sample_text ----------------------------------------------------------------
 
-def test_sample_text_matches_generate(params, cfg, char_tok):
+def test_sample_text_matches_generate(params, model, char_tok):
   eos = char_tok.token_to_id(sampling.EOT)
   prompts = ["Hello", ""]  # "" starts from EOT
   kw = dict(temperature=0.9, top_k=12, top_p=0.95)
-  out = sampling.sample_text(params, cfg, char_tok, prompts, max_new_tokens=12, seed=4, **kw)
+  out = sampling.sample_text(params, model, char_tok, prompts, max_new_tokens=12, seed=4, **kw)
   # The same ids by hand: buffer 64 (5 + 12 rounded up), sample i keyed by fold_in(seed, i).
   buf, lens = buffer_of([char_tok.encode("Hello").ids, [eos]], length=64)
   tokens, lengths = map(np.asarray, sampling.generate(
-      params, cfg, buf, lens, sampling.row_keys(4, 2), max_new_tokens=12, eos_id=eos,
+      params, model, buf, lens, sampling.row_keys(4, 2), max_new_tokens=12, eos_id=eos,
       valid_vocab=VALID, **kw))
   for b, text in enumerate(out):
     new = tokens[b, lens[b]:lengths[b]].tolist()
@@ -395,12 +425,12 @@ def test_sample_text_matches_generate(params, cfg, char_tok):
     assert sampling.EOT not in text
 
 
-def test_sample_text_reuses_compilation_and_seeds(params, cfg, char_tok):
+def test_sample_text_reuses_compilation_and_seeds(params, model, char_tok):
   kw = dict(max_new_tokens=10, temperature=1.0, top_k=10, top_p=0.9)
-  a = sampling.sample_text(params, cfg, char_tok, ["ab", "c"], seed=1, **kw)
+  a = sampling.sample_text(params, model, char_tok, ["ab", "c"], seed=1, **kw)
   size = sampling._generate._cache_size()
-  b = sampling.sample_text(params, cfg, char_tok, ["ab", "c"], seed=1, **kw)
-  c = sampling.sample_text(params, cfg, char_tok, ["A longer prompt.", "x"], seed=2,
+  b = sampling.sample_text(params, model, char_tok, ["ab", "c"], seed=1, **kw)
+  c = sampling.sample_text(params, model, char_tok, ["A longer prompt.", "x"], seed=2,
                            max_new_tokens=30, temperature=0.5, top_k=0, top_p=1.0)
   assert sampling._generate._cache_size() == size
   assert a == b
@@ -426,20 +456,20 @@ def test_decode_rows_strips_prompt_and_eos(char_tok):
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(buffer_len=4), "prompt 1 is 5 tokens"),
 ])
-def test_sample_text_validation(params, cfg, char_tok, kw, match):
+def test_sample_text_validation(params, model, char_tok, kw, match):
   kw = {"max_new_tokens": 4, **kw}
   with pytest.raises(ValueError, match=match):
-    sampling.sample_text(params, cfg, char_tok, ["ab", "hello"], **kw)
+    sampling.sample_text(params, model, char_tok, ["ab", "hello"], **kw)
 
 
-def test_sample_text_rejects_larger_tokenizer(params, cfg, char_tok):
-  small = dataclasses.replace(cfg, vocab_size=32)
+def test_sample_text_rejects_larger_tokenizer(params, model, char_tok):
+  small = model_lib.Transformer(dataclasses.replace(model.cfg, vocab_size=32), model.ex)
   with pytest.raises(ValueError, match="tokenizer has 60 ids"):
     sampling.sample_text(params, small, char_tok, ["a"], max_new_tokens=2)
 
 
-def test_benchmark_generation_reports(cfg):
-  stats = sampling.benchmark_generation(cfg, batch_size=2, prompt_len=3, new_tokens=6, repeats=2)
+def test_benchmark_generation_reports(model):
+  stats = sampling.benchmark_generation(model, batch_size=2, prompt_len=3, new_tokens=6, repeats=2)
   assert stats["buffer_len"] == 64 and stats["window"] == MAX_LEN
   assert stats["compile_s"] > 0 and len(stats["run_s"]) == 2
   assert stats["tokens_per_s"] == pytest.approx(2 * 6 / stats["median_s"])

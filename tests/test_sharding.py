@@ -34,6 +34,13 @@ def test_meshes_agree_with_one_device_and_checkpoints_move_between_meshes(tmp_pa
     assert sorted(got, key=int) == sorted(ref, key=int), mesh
     for step, loss in ref.items():
       assert abs(got[step] - loss) <= 1e-5 * abs(loss), (mesh, step, got[step], loss)
+  # With dropout: the same masks on 8 devices as on one, whatever the micro-batches.
+  c = sharding_worker.config(cache, (1, 1, 1), dropout=0.1)
+  train.train_and_evaluate(c, str(tmp_path / "single_dropout"), log=lambda *_: None)
+  ref_dropout = {str(k): v for k, v in sharding_worker.losses(str(tmp_path / "single_dropout")).items()}
+  assert max(abs(ref_dropout[s] - ref[s]) for s in ref) > 1e-3  # dropout did change the losses
+  for step, loss in ref_dropout.items():
+    assert abs(result["dropout"][step] - loss) <= 1e-5 * abs(loss), (step, result["dropout"][step], loss)
   assert "must be divisible by the data x fsdp mesh axes (8)" in result["errors"]["indivisible"]
   assert "does not match the 8 available devices" in result["errors"]["too_big"]
 

@@ -1,7 +1,5 @@
-"""Sweeps: expansion and names, bad sweeps, skip-and-resume, failures, aggregation, the report, the CLI."""
+"""Sweeps: expansion and names, bad sweeps, skip-and-resume, failures, the report and results tables, the CLI."""
 
-import json
-import math
 import os
 import subprocess
 import sys
@@ -11,9 +9,9 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
-from jaxformer import config as config_lib
-from jaxformer import sweep
+from jaxformer import plots, results, runs, sweep
 from jaxformer.config import ConfigError
+from test_runs import fake_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -30,29 +28,6 @@ def make_sweep(axes, method="grid", **fields):
   return s
 
 
-def fake_run(run_dir, *, steps, total, evals=None, train_every=1, saved=True, floor=None, tps=1000.0,
-             patience=0, repeat_from=None):
-  """A run folder as train.py leaves it, without training: config.json, metrics.jsonl, checkpoints/<step>/."""
-  c = config_lib.base_config()
-  c.model.vocab_size = 64
-  c.train.update(dict(steps=total, batch_size=4, seq_len=8, early_stopping_patience=patience))
-  os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, "config.json"), "w") as f:
-    f.write(c.to_json_best_effort())
-  evals = evals or {}
-  with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-    for s in list(range(1, steps + 1)) + list(range(repeat_from or steps + 1, steps + 1)):
-      if s % train_every == 0:
-        f.write(json.dumps({"step": s, "train/loss": 5.0 - 0.01 * s, "lr": 1e-3, "tokens_per_sec": tps}) + "\n")
-      if s in evals:
-        row = {"step": s, "eval/loss": evals[s]}
-        if floor is not None:
-          row.update({"eval/entropy_floor": floor, "eval/excess": evals[s] - floor})
-        f.write(json.dumps(row) + "\n")
-  if saved:
-    os.makedirs(os.path.join(run_dir, "checkpoints", str(steps)), exist_ok=True)
-
-
 # ---------------------------------------------------------------------------- expansion
 
 
@@ -64,7 +39,7 @@ def test_grid_expands_in_order_with_names_that_list_the_overrides():
       "lr=0.003,warmup_steps=0,seed=7", "lr=0.003,warmup_steps=10,seed=7"]
   assert trials[1].axes == {"optim.lr": 1e-3, "optim.warmup_steps": 10, "seed": 7}
   assert trials[1].overrides == {"train.steps": 4, "optim.lr": 1e-3, "optim.warmup_steps": 10, "seed": 7}
-  assert sweep.short_keys(["model.dropout", "optim.dropout", "optim.lr"]) == {
+  assert runs.short_keys(["model.dropout", "optim.dropout", "optim.lr"]) == {
       "model.dropout": "model.dropout", "optim.dropout": "optim.dropout", "optim.lr": "lr"}
   assert sweep.trial_name({"model.activation": "gelu_tanh", "model.use_bias": False, "optim.lr": 1e-5}) == (
       "activation=gelu_tanh,use_bias=false,lr=1e-05")
@@ -95,7 +70,8 @@ def test_random_search_is_seeded_log_uniform_within_bounds_and_extends_stably():
 
 
 @pytest.mark.parametrize("axes, method, match", [
-    ({"optim": {"lrr": (1e-3,)}}, "grid", r"sweep axis 'optim.lrr' names no config field \(optim has .*lr"),
+    ({"optim": {"lrr": (1e-3,)}}, "grid", r"sweep axis 'optim.lrr' names no config field \(optim has .*lr.*; "
+                                          r"did you mean \"lr\"\?\); fix the name in the sweep file\."),
     ({"optimizer": {"lr": (1e-3,)}}, "grid", "names no config field"),
     ({"optim": {"lr": ()}}, "grid", "'optim.lr' has no values"),
     ({}, "grid", "the sweep has no axes"),
@@ -139,30 +115,12 @@ def test_trial_command_flags_parse_back_to_the_same_values(tmp_path):
 # ---------------------------------------------------------------------------- running and reading
 
 
-def test_run_summary_reads_a_resumed_early_stopped_run(tmp_path):
-  # Steps 5..6 were logged twice (a resume from step 4); evaluations at 2, 4, 6; patience 2 stopped it at 6.
-  d = str(tmp_path / "r")
-  fake_run(d, steps=6, total=10, evals={2: 2.0, 4: 2.5, 6: 2.1}, floor=0.5, patience=2, repeat_from=5,
-           tps=2000.0)
-  s = sweep.run_summary(d)
-  assert s["status"] == "finished"
-  assert (s["best_eval_loss"], s["best_step"], s["final_eval_loss"], s["steps"], s["total_steps"]) == (
-      2.0, 2, 2.1, 6, 10)
-  assert math.isclose(s["excess"], 1.6) and s["tokens_per_sec"] == 2000.0 and s["tokens"] == 6 * 32
-  fake_run(d, steps=6, total=10, evals={2: 2.0, 4: 2.5, 6: 2.1}, patience=3)
-  assert sweep.run_summary(d)["status"] == "interrupted"  # patience not used up: it was cut short
-  fake_run(d, steps=10, total=10, evals={10: 1.0}, saved=False)
-  assert sweep.run_summary(d)["status"] == "interrupted"  # its final checkpoint never landed
-  assert sweep.run_summary(str(tmp_path / "none"))["status"] == "pending"
-  assert sweep.read_metrics(str(tmp_path / "none")) == []
-
-
 def test_sweep_skips_finished_resumes_interrupted_and_records_failures(tmp_path):
   trials = sweep.expand(make_sweep({"optim": {"lr": (1e-3, 2e-3, 3e-3, 4e-3)}}), sweep.load_config_file(TINY))
   workdir = str(tmp_path / "sweep")
   done, cut_short, fresh, crashing = [os.path.join(workdir, t.name) for t in trials]
   fake_run(done, steps=4, total=4, evals={4: 1.5})
-  fake_run(cut_short, steps=2, total=4, evals={2: 3.0})
+  fake_run(cut_short, steps=2, total=4, evals={2: 3.0}, status="stopped")  # preempted: train.py resumes it
   launched = []
 
   def launch(command, log_path):
@@ -177,23 +135,24 @@ def test_sweep_skips_finished_resumes_interrupted_and_records_failures(tmp_path)
 
   messages = []
   command_for = lambda t: sweep.trial_command(t, workdir, train_script="train.py")
-  summaries = sweep.run_trials(trials, workdir, command_for=command_for, launch=launch, log=messages.append)
+  states = sweep.run_trials(trials, workdir, command_for=command_for, launch=launch, log=messages.append)
   assert sorted(launched) == sorted(t.name for t in trials[1:])
-  assert [s["status"] for s in summaries] == ["finished", "finished", "finished", "failed"]
-  assert summaries[3]["error"].endswith("error: the model diverged at step 3.")
+  assert [s["status"] for s in states] == ["finished", "finished", "finished", "failed"]
+  assert states[3]["error"].endswith("error: the model diverged at step 3.")
   assert any("1 of 4 trials already finished" in m for m in messages)
   assert any(m.startswith("lr=0.002: interrupted at step 2") for m in messages)
   assert any("failed" in m and "diverged" in m for m in messages)
-  record = sweep.read_trial_record(crashing)
+  record = runs.read_trial(crashing)
   assert record["returncode"] == 1 and record["attempts"] == 1 and "--config.optim.lr=0.004" in record["command"]
 
   # Started again: only the failed trial runs again (and fails again).
   launched.clear()
   sweep.run_trials(trials, workdir, command_for=command_for, launch=launch, parallel=2, log=messages.append)
   assert launched == [trials[3].name]
-  assert sweep.read_trial_record(crashing)["attempts"] == 2
+  assert runs.read_trial(crashing)["attempts"] == 2
 
-  paths = sweep.report(trials, workdir, title="lr")
+  rows = results.result_rows(trials, workdir)
+  paths = results.write_report(rows, ["optim.lr"], workdir, title="lr")
   with open(paths["md"]) as f:
     md = f.read()
   assert "| lr | best val loss | final val loss | steps | tokens/s | wall | status |" in md
@@ -201,31 +160,39 @@ def test_sweep_skips_finished_resumes_interrupted_and_records_failures(tmp_path)
   assert "- `lr=0.004`: error: the model diverged at step 3." in md
   with open(paths["csv"]) as f:
     lines = f.read().splitlines()
-  assert lines[0].startswith("trial,optim.lr,status,steps,total_steps,best_eval_loss") and len(lines) == 5
-  assert os.path.getsize(paths["png"]) > 1000
+  assert lines[0] == ("trial,optim.lr,status,steps,total_steps,best_eval_loss,final_eval_loss,excess,"
+                      "tokens_per_sec,wall_s,num_params,error") and len(lines) == 5
+  assert lines[4].startswith("lr=0.004,0.004,failed,0,4,,,,,") and lines[4].endswith(
+      ",error: the model diverged at step 3.")
+  assert not [n for n in os.listdir(workdir) if n.endswith(".tmp")]  # atomic writes leave no temporary files
+  assert os.path.getsize(plots.plot_sweep(rows, ["optim.lr"], os.path.join(workdir, "results.png"))) > 1000
 
 
 def test_a_launch_that_cannot_start_is_a_failed_trial(tmp_path):
   trials = sweep.expand(make_sweep({"optim": {"lr": (1e-3,)}}), sweep.load_config_file(TINY))
-  summaries = sweep.run_trials(trials, str(tmp_path), command_for=lambda t: ["/no/such/python"], log=lambda m: None)
-  assert summaries[0]["status"] == "failed" and "No such file" in summaries[0]["error"]
+  states = sweep.run_trials(trials, str(tmp_path), command_for=lambda t: ["/no/such/python"], log=lambda m: None)
+  assert states[0]["status"] == "failed" and "No such file" in states[0]["error"]
 
 
 def test_results_table_from_fake_runs(tmp_path):
   trials = [sweep.Trial(name=sweep.trial_name(a), config="x.py", overrides={}, axes=a)
             for a in ({"preset": "tiny", "corpus": "stories"}, {"preset": "tiny", "corpus": "shakespeare"},
                       {"preset": "small", "corpus": "stories"})]
-  fake_run(str(tmp_path / trials[0].name), steps=4, total=4, evals={2: 1.0, 4: 0.75}, floor=0.5)
-  fake_run(str(tmp_path / trials[1].name), steps=4, total=4, evals={4: 1.5})
-  table = sweep.results_table(trials, str(tmp_path), note="Measured on a test.")
+  fake_run(str(tmp_path / trials[0].name), steps=4, total=4, evals={2: 1.0, 4: 0.75}, floor=0.5, wall_s=75.0)
+  fake_run(str(tmp_path / trials[1].name), steps=4, total=4, evals={4: 1.5}, wall_s=5.0)
+  rows = results.result_rows(trials, str(tmp_path))
+  table = results.results_table(rows, ["preset", "corpus"], note="Measured on a test.")
   lines = table.splitlines()
   assert lines[0] == "Measured on a test."
   assert lines[2] == ("| preset | corpus | params | best val loss | final val loss | excess | steps | tokens/s | "
                       "wall | status |")
-  assert lines[4].startswith("| tiny | stories | 0.83M | 0.7500 | 0.7500 | 0.2500 | 4/4 | 1000 |")
-  assert lines[5].startswith("| tiny | shakespeare | 0.83M | 1.5000 | 1.5000 | – | 4/4 |")
+  # 826,432 parameters from summary.json; 1000 tokens/s the logged windows' median; wall time the summary's.
+  assert lines[4] == "| tiny | stories | 0.83M | 0.7500 | 0.7500 | 0.2500 | 4/4 | 1000 | 1m 15s | finished |"
+  assert lines[5] == "| tiny | shakespeare | 0.83M | 1.5000 | 1.5000 | – | 4/4 | 1000 | 5s | finished |"
   assert lines[6] == "| small | stories | – | – | – | – | 0/? | – | – | pending |"  # no budget in its overrides
   assert "**" not in table  # no winner across corpora
+  assert [results.format_count(n) for n in (None, 9_500, 99_999, 100_000, 12_345_678)] == [
+      "–", "9.5k", "100.0k", "0.10M", "12.35M"]
 
 
 # ---------------------------------------------------------------------------- the script
@@ -253,7 +220,8 @@ def test_example_sweeps_expand_and_dry_run_prints_one_command_per_trial(tmp_path
   out = script(f"--sweep={bad}", "--dry_run")
   assert out.returncode == 1 and out.stderr.strip().splitlines() == [
       "error: sweep axis 'optim.lrr' names no config field (optim has b1, b2, clip_norm, decay_embeddings, "
-      "eps, lr, min_lr_ratio, schedule, warmup_steps, weight_decay); fix the name in the sweep file."]
+      "eps, lr, min_lr_ratio, schedule, warmup_steps, weight_decay; did you mean \"lr\"?); "
+      "fix the name in the sweep file."]
 
 
 def test_one_real_trial_end_to_end(tmp_path):
@@ -278,6 +246,11 @@ def get_config():
   md = (workdir / "results.md").read_text()
   assert "| 0.003 |" in md and "| 4/4 |" in md and "finished" in md
   run = workdir / "lr=0.003"
-  assert (run / "train.log").read_text().startswith("$ ") and sweep.read_trial_record(str(run))["returncode"] == 0
-  # A real run folder reads as finished, so a sweep started again skips it.
-  assert sweep.run_summary(str(run))["status"] == "finished"
+  assert (run / "train.log").read_text().startswith("$ ") and runs.read_trial(str(run))["returncode"] == 0
+  # The trainer's summary.json says finished, so a sweep started again skips the trial.
+  summary = runs.read_summary(str(run))
+  assert (summary["status"], summary["step"], summary["steps"]) == ("finished", 4, 4)
+  assert runs.run_status(str(run))["status"] == "finished"
+  out = script(f"--sweep={spec}", f"--workdir={workdir}")
+  assert out.returncode == 0 and "1 of 1 trials already finished; skipping them." in out.stdout
+  assert runs.read_trial(str(run))["attempts"] == 1

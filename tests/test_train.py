@@ -1,6 +1,7 @@
 """Training: learning, determinism, exact resume, accumulation, NaN guard, fine-tuning, errors."""
 
 import glob
+import json
 import math
 import os
 
@@ -66,7 +67,7 @@ def test_same_config_twice_is_bitwise_identical_and_resume_is_exact(cache, tmp_p
 
 
 def test_resume_exact_with_accumulation_and_after_corrupt_latest(cache, tmp_path):
-  c = micro_config(cache, grad_accum=2, batch_size=4)
+  c = micro_config(cache, micro_batch_size=4, batch_size=8)
   run(c, tmp_path / "straight")
   run(c, tmp_path / "r", stop_at=6)  # checkpoints at 4 and 6
   # Corrupt the newest checkpoint's array files: the run must fall back to step 4.
@@ -99,22 +100,21 @@ def test_loss_falls_well_below_log_v_on_stories(cache, tmp_path):
   c.train.batch_size = 16
   summary = run(c, tmp_path / "w")
   V = config_lib.load_config_json(str(tmp_path / "w" / "config.json")).model.vocab_size
-  assert summary["eval/loss"] < 0.6 * math.log(V), summary
-  assert summary["entropy_floor"] is not None and 0 < summary["entropy_floor"] < summary["eval/loss"]
+  assert summary["eval_loss"] < 0.6 * math.log(V), summary
+  assert summary["entropy_floor"] is not None and 0 < summary["entropy_floor"] < summary["eval_loss"]
 
 
-def compiled_step(steps, optim_overrides=None, **model_overrides):
+def compiled_step(steps, optim_overrides=None, micro_batches=1, dropout=0.0, **model_overrides):
   """(jit'd train step, a function making a fresh state) for a micro model on one device."""
-  m = config_lib.base_config().model
-  m.update(dict(vocab_size=64, **model_overrides))
-  cfg = model_lib.model_config(m)
   c = config_lib.base_config()
+  c.model.update(dict(vocab_size=64, dropout=dropout, attn_dropout=dropout, **model_overrides))
+  model = model_lib.Transformer(config_lib.model_config(c), config_lib.execution(c))
   c.optim.update(optim_overrides or {})
   tx = optim.make_optimizer(c.optim, steps)
   mesh = train.sharding.make_mesh(c.mesh)
-  _, shardings = train.state_shardings(cfg, tx, mesh)
-  step_fn, _ = train.compile_steps(cfg, tx, optim.schedule(c.optim, steps), shardings, mesh, True)
-  return step_fn, lambda: train.init_state(cfg, tx, shardings, 0)
+  _, shardings = train.state_shardings(model.cfg, tx, mesh)
+  step_fn, _ = train.compile_steps(model, tx, optim.schedule(c.optim, steps), shardings, mesh, micro_batches)
+  return step_fn, lambda: train.init_state(model, tx, shardings, 0)
 
 
 @pytest.fixture(scope="module")
@@ -122,38 +122,47 @@ def one_layer():
   return compiled_step(10, num_layers=1, embed_dim=32, num_heads=2, max_len=16)
 
 
+def random_batch(rows, T, seed=1, V=64):
+  w = np.random.default_rng(seed).integers(0, V, size=(rows, T + 1))
+  return {"inputs": w[:, :-1].astype(np.int32), "targets": w[:, 1:].astype(np.int32),
+          "weights": np.ones((rows, T), np.float32)}
+
+
 def test_overfits_one_batch():
   step_fn, fresh = compiled_step(200, dict(lr=1e-2, warmup_steps=10, weight_decay=0.0),
                                  num_layers=2, embed_dim=64, num_heads=4, max_len=32)
   state = fresh()
-  window = np.random.default_rng(0).integers(0, 60, size=(1, 8, 33))
-  batch = {"inputs": window[..., :-1].astype(np.int32), "targets": window[..., 1:].astype(np.int32),
-           "weights": np.ones((1, 8, 32), np.float32)}
+  batch = random_batch(8, 32, seed=0, V=60)
   for _ in range(200):
     state, m = step_fn(state, batch)
   assert float(m["train/loss"]) < 0.05
 
 
-def test_accumulation_equals_large_batch_step(one_layer):
-  step_fn, fresh = one_layer
-  w = np.random.default_rng(1).integers(0, 64, size=(8, 17))
-  big = {"inputs": w[None, :, :-1].astype(np.int32), "targets": w[None, :, 1:].astype(np.int32),
-         "weights": np.ones((1, 8, 16), np.float32)}
-  acc = {k: v.reshape(4, 2, 16) for k, v in big.items()}
-  s1, m1 = step_fn(fresh(), big)
-  s2, m2 = step_fn(fresh(), acc)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_accumulation_equals_large_batch_step(one_layer, dropout):
+  """Four micro-batches of 2 rows = one batch of 8, token-weighted, with the same dropout masks."""
+  layer = dict(num_layers=1, embed_dim=32, num_heads=2, max_len=16)
+  whole, fresh = one_layer if not dropout else compiled_step(10, dropout=dropout, **layer)
+  micro, _ = compiled_step(10, micro_batches=4, dropout=dropout, **layer)
+  batch = random_batch(8, 16)
+  batch["weights"][5, :7] = 0.0  # micro-batches of unequal token counts: each counts by its tokens
+  s1, m1 = whole(fresh(), batch)
+  s2, m2 = micro(fresh(), batch)
   np.testing.assert_allclose(m1["train/loss"], m2["train/loss"], rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  if dropout:  # dropout is on: the loss is not the deterministic one
+    s0, m0 = one_layer[0](one_layer[1](), batch)
+    assert abs(float(m0["train/loss"]) - float(m1["train/loss"])) > 1e-3
 
 
 def test_nonfinite_step_is_skipped_and_stop_mode_stops(cache, tmp_path, one_layer):
   step_fn, fresh = one_layer
   state = fresh()
   before = jax.device_get(state.params)
-  batch = {"inputs": np.zeros((1, 2, 16), np.int32), "targets": np.zeros((1, 2, 16), np.int32),
-           "weights": np.full((1, 2, 16), np.nan, np.float32)}  # a NaN loss
+  batch = {"inputs": np.zeros((2, 16), np.int32), "targets": np.zeros((2, 16), np.int32),
+           "weights": np.full((2, 16), np.nan, np.float32)}  # a NaN loss
   state, m = step_fn(state, batch)
   assert int(m["nonfinite"]) == 1 and int(state.step) == 1
   assert_trees_equal(before, state.params)
@@ -164,6 +173,9 @@ def test_nonfinite_step_is_skipped_and_stop_mode_stops(cache, tmp_path, one_laye
   with pytest.raises(train.TrainingError, match="non-finite loss or gradient at step 1"):
     run(conf, tmp_path / "nan")
   assert not checkpoint.has_checkpoints(str(tmp_path / "nan"))
+  with open(tmp_path / "nan" / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["status"] == "failed" and "non-finite loss" in summary["stop_reason"]
 
 
 def test_schedule_warmup_cosine_floor():
@@ -180,7 +192,7 @@ def test_schedule_warmup_cosine_floor():
 
 
 def test_weight_decay_mask_and_clipping():
-  cfg = model_lib.model_config(config_lib.base_config().model, 64)
+  cfg = config_lib.model_config(config_lib.base_config(), 64)
   params = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
   mask = optim.decay_mask(params)
   assert mask["block_0"]["mlp"]["fc"]["kernel"] and mask["block_0"]["attn"]["qkv"]["kernel"]
@@ -212,9 +224,14 @@ def test_fine_tuning_from_a_run(cache, tmp_path):
   fresh = micro_config(cache, steps=2)
   run(fresh, tmp_path / "fresh")
   assert losses(tmp_path / "ft")[1] < losses(tmp_path / "fresh")[1] - 0.1
+  # Execution settings are not the architecture: they may change for a fine-tune.
+  other = micro_config(cache, steps=1, init_from=str(tmp_path / "base"), micro_batch_size=4)
+  other.compute.update(dict(kernels="reference", matmul_dtype="bfloat16", param_dtype="bfloat16"))
+  other.model.dropout = 0.1
+  assert run(other, tmp_path / "ft_exec")["status"] == "finished"
   bad = micro_config(cache, steps=2, init_from=str(tmp_path / "base"))
   bad.model.num_layers = 3
-  with pytest.raises(ConfigError, match="has another architecture .*num_layers: 2 vs 3"):
+  with pytest.raises(ConfigError, match="has another architecture .*model.num_layers: 2 vs 3"):
     run(bad, tmp_path / "ft_bad")
 
 
@@ -224,6 +241,8 @@ def test_fine_tuning_from_a_run(cache, tmp_path):
     ("train", "nonfinite", "ignore", "train.nonfinite must be 'skip' or 'stop'"),
     ("mesh", "fsdp", 0, "mesh.fsdp must be positive"),
     ("optim", "warmup_steps", -1, "optim.warmup_steps must be >= 0"),
+    ("train", "micro_batch_size", 5, r"train.micro_batch_size \(5\) must divide train.batch_size \(32\)"),
+    ("compute", "kernels", "flash", "compute.kernels must be one of cpu, reference, xla, cudnn"),
 ])
 def test_bad_config_values(section, key, value, message):
   c = config_lib.base_config()
@@ -247,6 +266,28 @@ def test_early_stopping_after_patience_evaluations_without_improvement(cache, tm
   c = micro_config(cache, steps=20, eval_every=2, early_stopping_patience=2)
   c.optim.update(dict(lr=1e-30, warmup_steps=0, schedule="constant"))
   summary = run(c, tmp_path / "w")
-  assert summary["step"] == 6 and summary["stopped"].startswith("early stopping"), summary
+  assert summary["step"] == 6 and summary["status"] == "early_stopped", summary
+  assert summary["stop_reason"].startswith("early stopping")
   assert checkpoint.has_checkpoints(str(tmp_path / "w"))
   assert sorted(os.listdir(tmp_path / "w" / "best")) == ["2"]  # the best stays the first evaluation
+  # summary.json says the same, for sweeps and results to read.
+  with open(tmp_path / "w" / "summary.json") as f:
+    written = json.load(f)
+  assert written["status"] == "early_stopped" and written["step"] == 6 and written["best_step"] == 2
+  assert written["best_eval_loss"] == summary["best_eval_loss"] and written["steps"] == 20
+
+
+def test_summary_at_every_stop_and_profiler_trace(cache, tmp_path):
+  c = micro_config(cache, steps=6, profile_steps="2,4")
+  wd = tmp_path / "w"
+  run(c, wd, stop_at=3)
+  with open(wd / "summary.json") as f:
+    stopped = json.load(f)
+  assert stopped["status"] == "stopped" and stopped["step"] == 3 and stopped["stop_reason"] == "stopped at step 3"
+  traces = glob.glob(str(wd / "profile" / "**" / "*.xplane.pb"), recursive=True)
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0  # the trace stopped with the run
+  summary = run(c, wd)
+  assert summary["status"] == "finished" and summary["start_step"] == 3 and summary["step"] == 6
+  assert summary["tokens"] == 6 * 8 * 32 and summary["num_params"] > 0 and summary["wall_s"] > 0
+  with pytest.raises(ConfigError, match="train.profile_steps must be 'START,END'"):
+    config_lib.validate(micro_config(cache, profile_steps="5"))

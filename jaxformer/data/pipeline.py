@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import tokenizers
 
+from jaxformer import runs
 from jaxformer import tokenizer as tokenizer_lib
 from jaxformer.data import batches as batches_lib
 from jaxformer.data import sources
@@ -68,14 +69,7 @@ def get_tokenizer(data_config, workdir: str | None, description: dict, get_sourc
   A new tokenizer is saved to `workdir/tokenizer.json`, so a resumed run keeps it.
   `get_source()` loads the documents; it is only called when training is needed.
   """
-  kind = data_config.tokenizer
-  if kind not in tokenizer_lib.KINDS:
-    raise DataError(f"data.tokenizer must be char or bpe, got {kind!r}.")
-  if kind == "bpe":  # before any text is read or generated
-    try:
-      tokenizer_lib.check_bpe_vocab_size(int(data_config.bpe_vocab_size))
-    except ValueError as e:
-      raise DataError(str(e)) from None
+  kind = data_config.tokenizer  # config.validate checked it and bpe_vocab_size
   workdir_path = os.path.join(workdir, "tokenizer.json") if workdir else None
   if workdir_path and os.path.exists(workdir_path):
     tok = tokenizer_lib.load_tokenizer(workdir_path)
@@ -91,9 +85,9 @@ def get_tokenizer(data_config, workdir: str | None, description: dict, get_sourc
     tok = tokenizer_lib.load_tokenizer(cached_path)
   else:
     tok = _train_tokenizer(data_config, get_source())
-    tokenizer_lib.save_tokenizer(tok, cached_path)
+    runs.atomic_write(cached_path, tok.to_str())
   if workdir_path:
-    tokenizer_lib.save_tokenizer(tok, workdir_path)
+    runs.atomic_write(workdir_path, tok.to_str())
   return tok
 
 

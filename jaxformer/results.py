@@ -1,0 +1,106 @@
+"""Tables of runs: one row per run folder, as CSV and markdown (a sweep's report, the README's results).
+
+A row is a trial's axis values, then what runs.run_status reads from its folder.
+The figure of a sweep is plots.plot_sweep(rows, axes, out), drawn by the scripts.
+"""
+
+import csv
+import io
+import math
+import os
+from typing import Optional
+
+from jaxformer import runs
+
+NUMBERS = ("status", "steps", "total_steps", "best_eval_loss", "final_eval_loss", "excess", "tokens_per_sec",
+           "wall_s", "num_params")
+
+
+def result_rows(trials, workdir: str) -> list[dict]:
+  """One flat dict per trial (a sweep.Trial: name, axes, overrides): name, axis values, then the numbers."""
+  rows = []
+  for t in trials:
+    s = runs.run_status(os.path.join(workdir, t.name))
+    row = {"trial": t.name, **t.axes, **{k: s[k] for k in NUMBERS}}
+    if row["total_steps"] is None:  # not started: the sweep knows its budget when it sets one
+      row["total_steps"] = t.overrides.get("train.steps")
+    row["error"] = s["error"]
+    rows.append(row)
+  return rows
+
+
+def _fmt(value, digits: int = 4) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "–"
+  if isinstance(value, float):
+    return f"{value:.{digits}f}"
+  return str(value)
+
+
+def format_duration(seconds: Optional[float]) -> str:
+  if seconds is None:
+    return "–"
+  m, s = divmod(int(round(seconds)), 60)
+  return f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+def format_count(n: Optional[int]) -> str:
+  if n is None:
+    return "–"
+  return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(rows: list[dict], axes: list[str], title: str = "", mark_best: bool = True) -> str:
+  """The results table: the best finished trial's best loss in bold, failed trials' errors below."""
+  names = runs.short_keys(axes)
+  show_excess = any(r["excess"] is not None for r in rows)
+  header = [names[a] for a in axes] + ["best val loss", "final val loss"] + (
+      ["excess"] if show_excess else []) + ["steps", "tokens/s", "wall", "status"]
+  finished = [r for r in rows if r["status"] == "finished" and r["best_eval_loss"] is not None]
+  winner = min(finished, key=lambda r: r["best_eval_loss"]) if finished and mark_best else None
+  body = []
+  for r in rows:
+    best = _fmt(r["best_eval_loss"])
+    body.append([runs.format_value(r[a]) for a in axes]
+                + [f"**{best}**" if r is winner else best, _fmt(r["final_eval_loss"])]
+                + ([_fmt(r["excess"])] if show_excess else [])
+                + [f"{r['steps']}/{r['total_steps'] or '?'}",
+                   _fmt(round(r["tokens_per_sec"])) if r["tokens_per_sec"] else "–",
+                   format_duration(r["wall_s"]), r["status"]])
+  text = (f"## {title}\n\n" if title else "") + markdown_table(header, body)
+  failed = [r for r in rows if r["status"] == "failed"]
+  if failed:
+    text += "\nFailed trials (full output in `<trial>/train.log`):\n\n"
+    text += "".join(f"- `{r['trial']}`: {r['error'] or 'no output'}\n" for r in failed)
+  return text
+
+
+def results_table(rows: list[dict], axes: list[str], note: str = "") -> str:
+  """The README's results: `sweep_markdown` with each run's parameter count; `note` says how it was measured."""
+  rows = [dict(r, params=format_count(r["num_params"])) for r in rows]
+  # Losses on different corpora (and tokenizers) are not comparable: no winner in bold.
+  return (note + "\n\n" if note else "") + sweep_markdown(rows, axes + ["params"], mark_best=False)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+  columns = list(dict.fromkeys(k for r in rows for k in r))
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  for r in rows:
+    writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+  runs.atomic_write(path, text.getvalue())
+
+
+def write_report(rows: list[dict], axes: list[str], workdir: str, title: str = "") -> dict:
+  """results.csv and results.md in `workdir`; returns their paths {"csv": ..., "md": ...}."""
+  paths = {"csv": os.path.join(workdir, "results.csv"), "md": os.path.join(workdir, "results.md")}
+  write_csv(rows, paths["csv"])
+  runs.atomic_write(paths["md"], sweep_markdown(rows, axes, title))
+  return paths
