@@ -142,7 +142,7 @@ def load_run(workdir: str, which: str = "latest"):
   if not os.path.isfile(tok_path):
     raise CheckpointError(f"{workdir} has no tokenizer.json; point --workdir at a run folder made by scripts/train.py.")
   config = config_lib.load_config_json(os.path.join(workdir, "config.json"))
-  tokenizer = tokenizer_lib.load_tokenizer(tok_path)
+  tokenizer = runs.read_tokenizer(workdir)
   model = model_lib.Transformer(config_lib.model_config(config), config_lib.execution(config))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(
@@ -153,17 +153,6 @@ def load_run(workdir: str, which: str = "latest"):
     raise CheckpointError(
         f"{tok_path} is not the tokenizer the checkpoint was trained with; restore the run's own tokenizer.json.")
   return config, model, params, tokenizer, step
-
-
-def has_checkpoints(directory: str) -> bool:
-  path = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(path):
-    return False
-  mgr = manager(path, read_only=True)
-  try:
-    return bool(mgr.all_steps())
-  finally:
-    mgr.close()
 
 
 logging.getLogger("absl").setLevel(logging.WARNING)

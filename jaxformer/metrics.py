@@ -92,11 +92,6 @@ class Writer:
       self._tb.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 class Progress:
   """A tqdm bar on a terminal; plain log lines otherwise (CI logs, files)."""
 

@@ -96,16 +96,6 @@ def _sorted_keep(logits: jax.Array, top_k, top_p) -> jax.Array:
   return jnp.zeros((B, V), bool).at[rows, order].set(keep)
 
 
-def apply_top_k(logits: jax.Array, top_k) -> jax.Array:
-  """Keeps exactly min(k, V) ids per row (k = 0: all)."""
-  return jnp.where(_sorted_keep(logits, top_k, 1.0), logits, -jnp.inf)
-
-
-def apply_top_p(logits: jax.Array, top_p) -> jax.Array:
-  """Keeps the smallest set of most likely ids whose probability reaches p (p = 1: all)."""
-  return jnp.where(_sorted_keep(logits, 0, top_p), logits, -jnp.inf)
-
-
 def process_logits(logits: jax.Array, *, temperature, top_k, top_p, valid_vocab) -> jax.Array:
   """(B, V) -> (B, V): padding mask, temperature, top-k, top-p; removed ids are -inf."""
   logits = mask_padding(logits.astype(jnp.float32), valid_vocab)

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from jaxformer import config as config_lib, metrics, train  # noqa: E402
+from jaxformer import config as config_lib, runs, train  # noqa: E402
 from jaxformer.config import ConfigError  # noqa: E402
 
 
@@ -25,8 +25,7 @@ def config(cache, mesh, steps=10, dropout=0.0):
 
 
 def losses(workdir):
-  return {r["step"]: r["train/loss"] for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-          if "train/loss" in r}
+  return {r["step"]: r["train/loss"] for r in runs.read_metrics(workdir) if "train/loss" in r}
 
 
 def main(cache, out):

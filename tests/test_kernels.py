@@ -50,7 +50,8 @@ def plain(q, k, v, window):
 def test_blocked_attention_matches_plain(T_, block, window, rows):
   B, H, D = 4, 3, 8
   q, k, v, g = (jax.random.normal(key, (B, T_, H, D)) for key in jax.random.split(jax.random.key(0), 4))
-  ours = lambda q, k, v: attention.blocked_attention(q, k, v, window=window, block=block, chunk_rows=rows)
+  ours = lambda q, k, v: attention.blocked_attention_qkv(jnp.stack([q, k, v], axis=2), window=window,
+                                                        block=block, chunk_rows=rows)
   ref = lambda q, k, v: plain(q, k, v, window)
   np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=1e-5, atol=2e-6)
   grads = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * g), argnums=(0, 1, 2))(q, k, v)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxformer import checkpoint, config as config_lib, metrics, model as model_lib, optim, train
+from jaxformer import checkpoint, config as config_lib, model as model_lib, optim, runs, train
 from jaxformer.config import ConfigError
 
 
@@ -33,8 +33,12 @@ def cache(tmp_path_factory):
 
 
 def losses(workdir):
-  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+  return {r["step"]: r["train/loss"] for r in runs.read_metrics(str(workdir)) if "train/loss" in r}
+
+
+def has_checkpoints(workdir) -> bool:
+  """A finished Orbax step folder in checkpoints/ (an unfinished save is a tmp folder)."""
+  return any(name.isdigit() for name in os.listdir(workdir / "checkpoints")) if (workdir / "checkpoints").is_dir() else False
 
 
 def final_params(workdir):
@@ -172,7 +176,7 @@ def test_nonfinite_step_is_skipped_and_stop_mode_stops(cache, tmp_path, one_laye
   conf.optim.lr = float("inf")
   with pytest.raises(train.TrainingError, match="non-finite loss or gradient at step 1"):
     run(conf, tmp_path / "nan")
-  assert not checkpoint.has_checkpoints(str(tmp_path / "nan"))
+  assert not has_checkpoints(tmp_path / "nan")
   with open(tmp_path / "nan" / "summary.json") as f:
     summary = json.load(f)
   assert summary["status"] == "failed" and "non-finite loss" in summary["stop_reason"]
@@ -268,7 +272,7 @@ def test_early_stopping_after_patience_evaluations_without_improvement(cache, tm
   summary = run(c, tmp_path / "w")
   assert summary["step"] == 6 and summary["status"] == "early_stopped", summary
   assert summary["stop_reason"].startswith("early stopping")
-  assert checkpoint.has_checkpoints(str(tmp_path / "w"))
+  assert has_checkpoints(tmp_path / "w")
   assert sorted(os.listdir(tmp_path / "w" / "best")) == ["2"]  # the best stays the first evaluation
   # summary.json says the same, for sweeps and results to read.
   with open(tmp_path / "w" / "summary.json") as f:

@@ -61,12 +61,6 @@ def rotate_half(x, cos, sin):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def blocked_attention(q, k, v, *, window: int, block: int, chunk_rows: Optional[int] = None):
-  """q, k, v: (B, T, H, D) -> (B, T, H, D); see `blocked_attention_qkv`."""
-  return blocked_attention_qkv(jnp.stack([q, k, v], axis=2), window=window, block=block,
-                               chunk_rows=chunk_rows)
-
-
 def blocked_attention_qkv(qkv, *, window: int, block: int, rope_base: Optional[float] = None,
                           chunk_rows: Optional[int] = None):
   """Blocked causal attention of a fused projection: qkv (B, T, 3, H, D) -> (B, T, H, D).
