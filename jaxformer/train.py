@@ -526,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
                     metrics_lib.flops_per_token(run.model.cfg, t.seq_len), peak, t.steps, t.log_every)
   profiler, signals = Profiler(run), StopSignals()
   step, pending, eval_loss = run.start, None, None
-  status, reason = "finished", f"reached train.steps ({t.steps})"
+  status, reason = "finished", "reached train.steps"
   wall_start = time.perf_counter()
   write_summary(run, status="running", stop_reason="", step=step)
   try:
