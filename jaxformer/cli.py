@@ -2,7 +2,7 @@
 
 Only errors whose message already names the problem and the fix are shortened:
 the project's error types (config, data, tokenizer, checkpoint, training,
-sampling, usage) and a missing or unreadable path. Anything else is a bug and
+sampling, plot, usage) and a missing or unreadable path. Anything else is a bug and
 keeps its traceback.
 """
 
@@ -11,6 +11,7 @@ import sys
 from jaxformer.checkpoint import CheckpointError
 from jaxformer.config import ConfigError
 from jaxformer.data import DataError
+from jaxformer.plots import PlotError
 from jaxformer.sampling import SamplingError
 from jaxformer.tokenizer import TokenizerError
 from jaxformer.train import TrainingError
@@ -21,7 +22,7 @@ class UsageError(ValueError):
 
 
 CLEAR_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError, SamplingError,
-                UsageError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+                PlotError, UsageError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def run(main, *args, **kwargs):

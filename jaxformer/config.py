@@ -277,25 +277,21 @@ def execution(config) -> Execution:
                    remat=bool(x.remat), dropout=config.model.dropout, attn_dropout=config.model.attn_dropout)
 
 
-# Fields of run folders written before `compute` split from `model`: old name -> new name.
-_MOVED = {"model.attention": "compute.kernels", "model.dtype": "compute.dtype",
-          "model.param_dtype": "compute.param_dtype", "model.matmul_dtype": "compute.matmul_dtype",
-          "model.remat": "compute.remat"}
+# Fields of run folders written before `compute` split from `model`, moved from model to compute.
+_MOVED = ("dtype", "param_dtype", "matmul_dtype", "remat")
 _OLD_KERNELS = {"blocked": "cpu", "plain": "reference", "dot_product": "xla", "cudnn": "cudnn"}
-_DROPPED = ("model.micro_batch_rows",)
 
 
 def _upgrade(values: dict) -> dict:
   """An older config.json's values in today's layout (runs keep loading after a rename)."""
   values = json.loads(json.dumps(values))
   model, compute = values.get("model", {}), values.setdefault("compute", {})
-  for old, new in _MOVED.items():
-    key = old.split(".")[1]
+  for key in _MOVED:
     if key in model:
-      value = model.pop(key)
-      compute[new.split(".")[1]] = _OLD_KERNELS.get(value, value) if key == "attention" else value
-  for old in _DROPPED:
-    model.pop(old.split(".")[1], None)
+      compute[key] = model.pop(key)
+  if "attention" in model:
+    compute["kernels"] = _OLD_KERNELS[model.pop("attention")]
+  model.pop("micro_batch_rows", None)  # now train.micro_batch_size (auto by default)
   train = values.get("train", {})
   if "grad_accum" in train:  # batch_size was per micro-batch then
     accum = int(train.pop("grad_accum"))

@@ -5,12 +5,23 @@ with the file-only Agg backend. Data extraction is kept apart from drawing, so i
 testable without matplotlib. Run folders are read through runs.py.
 """
 
+import dataclasses
 import os
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxformer import checkpoint
+from jaxformer import model as model_lib
+from jaxformer import optim
 from jaxformer import runs
+from jaxformer import tokenizer as tokenizer_lib
+
+
+class PlotError(ValueError):
+  """A plot that cannot be drawn from what was given; the message says what to change."""
 
 X_AXES = ("step", "tokens", "time")
 X_LABELS = {"step": "step", "tokens": "tokens seen",
@@ -52,7 +63,7 @@ def loss_curves(run_dir: str, x: str = "step") -> dict:
   rebuilt from the tokens/s of each logged window, so evaluation and saving are left out).
   """
   if x not in X_AXES:
-    raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}.")
+    raise PlotError(f"x must be one of {', '.join(X_AXES)}, got {x!r}.")
   config = runs.read_config(run_dir)
   rows = runs.read_metrics(run_dir)
   if config is None or not rows:
@@ -70,7 +81,7 @@ def loss_curves(run_dir: str, x: str = "step") -> dict:
       return steps * per_step
     timed = [r for r in logged if r.get("tokens_per_sec")]
     if not timed:
-      raise ValueError(f"{run_dir} has no tokens_per_sec rows to rebuild training time from; use x=step.")
+      raise PlotError(f"{run_dir} has no tokens_per_sec rows to rebuild training time from; use x=step.")
     s = np.array([0.0] + [r["step"] for r in timed])
     secs = np.concatenate([[0.0], np.cumsum(np.diff(s) * per_step / np.array([r["tokens_per_sec"] for r in timed]))])
     return np.interp(steps, s, secs)
@@ -120,7 +131,6 @@ def plot_losses(run_dirs: Sequence[str], out: str, x: str = "step", labels: Opti
 
 def plot_schedule(optim_cfg, total_steps: int, out: str) -> str:
   """The learning rate at every step, exactly as the optimizer computes it."""
-  from jaxformer import optim  # pylint: disable=g-import-not-at-top
   plt = _pyplot()
   steps = np.arange(total_steps + 1)
   lr = np.asarray(optim.schedule(optim_cfg, total_steps)(steps))
@@ -136,7 +146,6 @@ def plot_schedule(optim_cfg, total_steps: int, out: str) -> str:
 
 def plot_positions(max_len: int, dim: int, out: str) -> str:
   """The sinusoidal table PE (T_max, C) as an image, and a few of its columns as curves."""
-  from jaxformer import model as model_lib  # pylint: disable=g-import-not-at-top
   plt = _pyplot()
   table = model_lib.sinusoidal_table(max_len, dim)  # (T_max, C)
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -163,9 +172,6 @@ def attention_weights(params, model, ids) -> np.ndarray:
   (`sow`, collection "intermediates"). Parameters do not depend on the kernels, so these
   are the weights of a run trained with any of them, up to float rounding.
   """
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   reference = model.clone(ex=dataclasses.replace(model.ex, kernels="reference"))
   tokens = jnp.asarray(ids, jnp.int32)[None]  # (1, T)
   _, state = jax.jit(lambda p, x: reference.apply({"params": p}, x, mutable=["intermediates"]))(params, tokens)
@@ -176,7 +182,6 @@ def attention_weights(params, model, ids) -> np.ndarray:
 
 
 def token_labels(tokenizer, ids) -> list[str]:
-  from jaxformer import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   eot = tokenizer_lib.eot_id(tokenizer)
   labels = []
   for i in ids:
@@ -187,11 +192,10 @@ def token_labels(tokenizer, ids) -> list[str]:
 
 def prompt_attention(workdir: str, prompt: str, which: str = "best"):
   """(weights (L, H, T, T), token labels) of a trained run for `prompt`, after an EOT as in training."""
-  from jaxformer import checkpoint, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   _, model, params, tok, _ = checkpoint.load_run(workdir, which)
   ids = [tokenizer_lib.eot_id(tok)] + tokenizer_lib.encode(tok, prompt)
   if len(ids) > model.cfg.max_len:
-    raise ValueError(f"the prompt is {len(ids) - 1} tokens; the model sees at most {model.cfg.max_len - 1} "
+    raise PlotError(f"the prompt is {len(ids) - 1} tokens; the model sees at most {model.cfg.max_len - 1} "
                      "after the EOT. Shorten the prompt.")
   return attention_weights(params, model, ids), token_labels(tok, ids)
 
