@@ -54,15 +54,14 @@ def benchmark_train(config, *, steps: int = 10, warmup: int = 2, repeats: int = 
                             config_lib.execution(config))
   model_cfg, B, T = model.cfg, t.batch_size, t.seq_len
   mesh = sharding.make_mesh(config.mesh)
-  train.check_batch(config, mesh)
+  sharding.check_mesh(model_cfg, mesh, B)
   micro = train.micro_batches(config, mesh)
   schedule = optim.schedule(config.optim, t.steps)
   tx = optim.make_optimizer(config.optim, t.steps)
   _, shardings = train.state_shardings(model_cfg, tx, mesh, model.ex.param_dtype)
   step_fn, _ = train.compile_steps(model, tx, schedule, shardings, mesh, micro)
   state = train.init_state(model, tx, shardings, config.seed)
-  batch = sharding.global_batch(random_batch(model_cfg.vocab_size, B, T, config.seed),
-                                sharding.batch_sharding(mesh))
+  batch, = sharding.device_batches([random_batch(model_cfg.vocab_size, B, T, config.seed)], mesh)
 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()

@@ -6,16 +6,16 @@ RNG), `data` (the batch stream's state) and `meta` (versions, tokenizer fingerpr
 """
 
 import logging
-import os
-import shutil
 from typing import Any, Optional
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxformer import config as config_lib
 from jaxformer import model as model_lib
 from jaxformer import runs
+from jaxformer import sharding
 from jaxformer import tokenizer as tokenizer_lib
 
 ITEMS = ("state", "data", "meta")
@@ -29,7 +29,7 @@ def manager(directory: str, keep: int = 2, read_only: bool = False) -> ocp.Check
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(runs.path(directory), options=options, item_names=ITEMS)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict) -> None:
@@ -75,10 +75,13 @@ def restore_latest(mgr, abstract_state, log=print) -> Optional[tuple[Any, dict, 
       continue
     for bad_step, why in errors:
       # Moved aside (not deleted) so the run can save that step again and the files stay inspectable.
-      aside = os.path.join(str(mgr.directory) + "_unreadable", str(bad_step))
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      shutil.rmtree(aside, ignore_errors=True)
-      os.replace(os.path.join(str(mgr.directory), str(bad_step)), aside)
+      directory = runs.path(mgr.directory)
+      aside = directory.parent / (directory.name + "_unreadable") / str(bad_step)
+      if jax.process_index() == 0:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        if aside.exists():
+          aside.rmtree()
+        (directory / str(bad_step)).rename(aside)
       log(f"warning: checkpoint {bad_step} in {mgr.directory} could not be read ({why}); "
           f"moved it to {aside} and resuming from step {step} instead.")
     if errors:
@@ -100,8 +103,8 @@ def restore_params(directory: str, which: str, abstract_params) -> tuple[Any, di
   `which`: "latest", "best" or a step number. `abstract_params` carries target shardings.
   """
   sub = "best" if which == "best" else "checkpoints"
-  path = os.path.join(directory, sub)
-  if not os.path.isdir(path):
+  path = runs.join(directory, sub)
+  if not runs.path(path).is_dir():
     raise CheckpointError(
         f"{directory} has no {sub}/ folder; train a model there first (scripts/train.py --workdir={directory}).")
   mgr = manager(path, read_only=True)
@@ -133,26 +136,50 @@ def restore_params(directory: str, which: str, abstract_params) -> tuple[Any, di
   return out["state"]["params"], dict(out["meta"]), step
 
 
-def load_run(workdir: str, which: str = "latest"):
-  """(config, model, params, tokenizer, step) of a trained run, on the default device.
+def serving_mesh(config, overrides: dict):
+  """The mesh a trained run is loaded onto: the run's own, unless `overrides` (mesh.* keys) say
+  otherwise or it does not fit these devices (then every device holds the whole model)."""
+  mesh_cfg = config_lib.apply_overrides(config, overrides, "--config").mesh
+  try:
+    return sharding.make_mesh(mesh_cfg)
+  except config_lib.ConfigError:
+    if overrides:
+      raise
+    return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
 
-  The model computes with the run's own execution settings (config.compute).
+
+def load_run(workdir: str, which: str = "latest", overrides: dict | None = None):
+  """(config, model, params, tokenizer, step, mesh) of a trained run, its parameters on the mesh.
+
+  `overrides` may hold distributed.* keys (this process then joins the others: every
+  process calls this and holds its shards) and mesh.* keys (the mesh to load onto;
+  default `serving_mesh`). The model computes with the run's own execution
+  settings (config.compute).
   """
+  overrides = dict(overrides or {})
+  for key in overrides:
+    if not key.startswith(("mesh.", "distributed.")):
+      raise config_lib.ConfigError(
+          f"--config.{key} cannot change when loading a trained run; only mesh.* and distributed.* can.")
+  pick = lambda prefix: {k: v for k, v in overrides.items() if k.startswith(prefix)}
+  sharding.initialize_distributed(
+      config_lib.apply_overrides(config_lib.base_config(), pick("distributed."), "--config").distributed)
   tok_path = runs.tokenizer_path(workdir)
-  if not os.path.isfile(tok_path):
+  if not runs.exists(tok_path):
     raise CheckpointError(f"{workdir} has no tokenizer.json; point --workdir at a run folder made by scripts/train.py.")
-  config = config_lib.load_config_json(os.path.join(workdir, "config.json"))
+  config = config_lib.load_config_json(runs.join(workdir, runs.CONFIG))
   tokenizer = runs.read_tokenizer(workdir)
   model = model_lib.Transformer(config_lib.model_config(config), config_lib.execution(config))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      jax.eval_shape(lambda: model_lib.init_params(model.cfg, jax.random.key(0), model.ex)))
+  mesh = serving_mesh(config, pick("mesh."))
+  sharding.check_mesh(model.cfg, mesh)
+  abstract = abstract_like(
+      jax.eval_shape(lambda: model_lib.init_params(model.cfg, jax.random.key(0), model.ex)),
+      sharding.param_shardings(model.cfg, mesh))
   params, meta, step = restore_params(workdir, which, abstract)
   if meta.get("tokenizer") not in (None, tokenizer_lib.fingerprint(tokenizer)):
     raise CheckpointError(
         f"{tok_path} is not the tokenizer the checkpoint was trained with; restore the run's own tokenizer.json.")
-  return config, model, params, tokenizer, step
+  return config, model, params, tokenizer, step, mesh
 
 
 logging.getLogger("absl").setLevel(logging.WARNING)

@@ -5,10 +5,10 @@ Config files in `configs/` start from `base_config()` and change values only.
 
 import dataclasses
 import json
-import os
 import re
 
 import ml_collections
+from etils import epath
 
 from jaxformer import tokenizer as tokenizer_lib
 from jaxformer.model import Execution, ModelConfig
@@ -341,10 +341,10 @@ def _section(config: ml_collections.ConfigDict, key: str) -> tuple[str, ml_colle
 
 def load_config_json(path: str) -> ml_collections.ConfigDict:
   """A run's config.json back as a ConfigDict over the current defaults (new fields get defaults)."""
-  if not os.path.isfile(path):
+  file = epath.Path(path)  # local or in a bucket
+  if not file.is_file():
     raise ConfigError(f"{path} does not exist; point at a run folder that holds config.json.")
-  with open(path) as f:
-    values = _upgrade(json.load(f))
+  values = _upgrade(json.loads(file.read_text()))
   config = base_config()
   unknown = _merge(config, values, "")
   if unknown:

@@ -5,21 +5,21 @@ the numbers are the model's own: a char tokenizer meeting characters it has neve
 seen is a DataError, not a silent remapping.
 """
 
-import functools
 import math
 
-import jax
 import numpy as np
 
 from jaxformer import checkpoint
 from jaxformer import config as config_lib
 from jaxformer import data as data_lib
-from jaxformer import runs
+from jaxformer import sharding
 from jaxformer import train
 from jaxformer.config import ConfigError
 
-# What may change between training and evaluation: the data, and the windows it is cut into.
+# What may change between training and evaluation: the data, the windows it is cut into, and
+# the devices (mesh.*, distributed.*: see checkpoint.load_run).
 OVERRIDABLE = ("data.", "train.batch_size", "train.seq_len")
+PLACEMENT = ("mesh.", "distributed.")
 
 
 def evaluate_run(workdir: str, which: str = "best", overrides: dict | None = None) -> dict:
@@ -31,19 +31,22 @@ def evaluate_run(workdir: str, which: str = "best", overrides: dict | None = Non
   """
   overrides = dict(overrides or {})
   for key in overrides:
-    if not key.startswith(OVERRIDABLE):
+    if not key.startswith(OVERRIDABLE + PLACEMENT):
       raise ConfigError(
-          f"--config.{key} cannot change at evaluation; only data.*, train.batch_size and train.seq_len "
-          "can (the model and its training come from the run).")
-  config, model, params, _, step = checkpoint.load_run(workdir, which)
-  config = config_lib.apply_overrides(config, overrides, "evaluation override")
+          f"--config.{key} cannot change at evaluation; only data.*, train.batch_size, train.seq_len, mesh.* "
+          "and distributed.* can (the model and its training come from the run).")
+  placement = {k: v for k, v in overrides.items() if k.startswith(PLACEMENT)}
+  config, model, params, _, step, mesh = checkpoint.load_run(workdir, which, placement)
+  config = config_lib.apply_overrides(
+      config, {k: v for k, v in overrides.items() if k not in placement}, "evaluation override")
   config_lib.validate(config)
   t = config.train
+  sharding.check_mesh(model.cfg, mesh, t.batch_size)
   data = data_lib.load_data(config.data, workdir, t.seq_len)
   valid = data_lib.validation_set(data, num_batches=config.data.num_valid_batches, batch_size=t.batch_size,
                                   seq_len=t.seq_len)
-  eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
-  loss = train.evaluate(eval_fn, params, valid.batches)
+  eval_fn = train.eval_function(model, sharding.param_shardings(model.cfg, mesh), mesh)
+  loss = train.evaluate(eval_fn, params, sharding.device_batches(valid.batches, mesh))
   result = {
       "workdir": workdir, "checkpoint": which, "step": step, "loss": loss,
       "perplexity": math.exp(min(loss, 50.0)),

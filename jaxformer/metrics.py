@@ -2,7 +2,9 @@
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer import model as model_lib
+from jaxformer import runs
 from jaxformer.kernels import attention as attention_kernels
 
 # Dense bf16 peak FLOP/s per chip from vendors' data sheets (no sparsity).
@@ -64,32 +67,64 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak: float, num_devices:
 class Writer:
   """Writes one JSON object per event to metrics.jsonl and the same scalars to TensorBoard.
 
-  Only process 0 writes; other processes get a writer that does nothing.
+  Only process 0 writes; other processes get a writer that does nothing. In a
+  bucket, where objects cannot be appended to, both files are kept locally and
+  uploaded whole every `sync_every_s` seconds and at close.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
+  def __init__(self, workdir: str, enabled: bool = True, sync_every_s: float = 30.0):
+    self.enabled, self.remote = enabled, runs.is_remote(workdir)
+    self.workdir, self.sync_every_s, self._synced = workdir, sync_every_s, time.monotonic()
     self._file = self._tb = None
-    if enabled:
+    if not enabled:
+      return
+    if self.remote:
+      # metrics.jsonl as it stands (a resume appends), and TensorBoard's events, staged locally.
+      self._local = tempfile.mkdtemp(prefix="jaxformer-metrics-")
+      target = runs.path(runs.join(workdir, runs.METRICS))
+      self._lines = [target.read_text()] if target.exists() else []
+      tb_dir = self._local
+    else:
       os.makedirs(workdir, exist_ok=True)
-      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      from tensorboardX import SummaryWriter  # imported lazily: slow import
-      self._tb = SummaryWriter(workdir)
+      self._file = open(os.path.join(workdir, runs.METRICS), "a")
+      tb_dir = workdir
+    from tensorboardX import SummaryWriter  # imported lazily: slow import
+    self._tb = SummaryWriter(tb_dir)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     clean = {k: (float(v) if not isinstance(v, str) else v) for k, v in scalars.items()}
-    self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._file.flush()
+    line = json.dumps({"step": int(step), **clean}) + "\n"
     for k, v in clean.items():
       if not isinstance(v, str):
         self._tb.add_scalar(k, v, step)
+    if not self.remote:
+      self._file.write(line)
+      self._file.flush()
+      return
+    self._lines.append(line)
+    if time.monotonic() - self._synced >= self.sync_every_s:
+      self._tb.flush()
+      self._sync()
+
+  def _sync(self) -> None:
+    """Uploads metrics.jsonl and the event files whole."""
+    runs.atomic_write(runs.join(self.workdir, runs.METRICS), "".join(self._lines))
+    for name in os.listdir(self._local):
+      with open(os.path.join(self._local, name), "rb") as f:
+        runs.atomic_write(runs.join(self.workdir, name), f.read())
+    self._synced = time.monotonic()
 
   def close(self) -> None:
-    if self.enabled:
+    if not self.enabled:
+      return
+    self._tb.close()
+    if self.remote:
+      self._sync()
+      shutil.rmtree(self._local, ignore_errors=True)
+    else:
       self._file.close()
-      self._tb.close()
 
 
 class Progress:

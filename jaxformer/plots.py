@@ -192,7 +192,7 @@ def token_labels(tokenizer, ids) -> list[str]:
 
 def prompt_attention(workdir: str, prompt: str, which: str = "best"):
   """(weights (L, H, T, T), token labels) of a trained run for `prompt`, after an EOT as in training."""
-  _, model, params, tok, _ = checkpoint.load_run(workdir, which)
+  _, model, params, tok, _, _ = checkpoint.load_run(workdir, which)
   ids = [tokenizer_lib.eot_id(tok)] + tokenizer_lib.encode(tok, prompt)
   if len(ids) > model.cfg.max_len:
     raise PlotError(f"the prompt is {len(ids) - 1} tokens; the model sees at most {model.cfg.max_len - 1} "

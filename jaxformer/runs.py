@@ -7,7 +7,9 @@
   trial.json      sweeps only: command, exit status, attempts, wall time, error tail
   checkpoints/, best/   Orbax (checkpoint.py)
 
-Every whole-file write goes through `atomic_write`: a reader, or a crash, never sees half a file.
+Every path goes through `etils.epath` (as Orbax's own do), so a run folder may be
+local or in a bucket (`gs://BUCKET/run`). Every whole-file write goes through
+`atomic_write`: a reader, or a crash, never sees half a file.
 """
 
 import json
@@ -18,6 +20,7 @@ import statistics
 from typing import Optional
 
 import ml_collections
+from etils import epath
 
 from jaxformer import config as config_lib
 from jaxformer import tokenizer as tokenizer_lib
@@ -31,19 +34,45 @@ DONE = ("finished", "early_stopped")
 # ---------------------------------------------------------------------------- writing
 
 
-def atomic_write(path: str, data: str | bytes) -> None:
-  """Writes `data` (text as UTF-8) to `path` through a temporary file in the same folder and os.replace."""
-  directory = os.path.dirname(os.path.abspath(path))
+def is_remote(path) -> bool:
+  return "://" in str(path)
+
+
+def path(p) -> epath.Path:
+  """A local path (made absolute) or a bucket URL, as one epath.Path."""
+  return epath.Path(p) if is_remote(p) else epath.Path(os.path.abspath(p))
+
+
+def join(run_dir, *names) -> str:
+  return str(epath.Path(run_dir).joinpath(*names)) if is_remote(run_dir) else os.path.join(run_dir, *names)
+
+
+def exists(p) -> bool:
+  return path(p).exists()
+
+
+def atomic_write(p, data: str | bytes) -> None:
+  """Writes `data` (text as UTF-8) to `p` whole: locally through a temporary file and os.replace.
+
+  An object store's upload appears whole or not at all, so remote paths are written directly.
+  """
+  data = data.encode("utf-8") if isinstance(data, str) else data
+  if is_remote(p):
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return
+  directory = os.path.dirname(os.path.abspath(p))
   os.makedirs(directory, exist_ok=True)
   # The same folder keeps the rename on one file system, where it is atomic; "x" never opens another's file.
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+  tmp = os.path.join(directory, f".{os.path.basename(p)}.{secrets.token_hex(4)}.tmp")
   f = open(tmp, "xb")
   try:
     with f:
-      f.write(data.encode("utf-8") if isinstance(data, str) else data)
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())  # the data is on disk before the name points at it
-    os.replace(tmp, path)
+    os.replace(tmp, p)
   except BaseException:
     os.remove(tmp)
     raise
@@ -56,25 +85,23 @@ def write_json(path: str, obj) -> None:
 # ---------------------------------------------------------------------------- reading
 
 
-def _read_json(path: str) -> Optional[dict]:
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+def _read_json(p: str) -> Optional[dict]:
+  p = path(p)
+  return json.loads(p.read_text()) if p.is_file() else None
 
 
 def read_config(run_dir: str) -> Optional[ml_collections.ConfigDict]:
   """config.json as a ConfigDict over today's defaults; None when there is none (ConfigError when unreadable)."""
-  path = os.path.join(run_dir, CONFIG)
-  return config_lib.load_config_json(path) if os.path.isfile(path) else None
+  p = join(run_dir, CONFIG)
+  return config_lib.load_config_json(p) if exists(p) else None
 
 
 def read_metrics(run_dir: str) -> list[dict]:
   """metrics.jsonl, one merged row per step; a step logged again after a resume keeps its last values."""
-  path = os.path.join(run_dir, METRICS)
+  p = path(join(run_dir, METRICS))
   rows = {}
-  if os.path.isfile(path):
-    with open(path) as f:
+  if p.is_file():
+    with p.open() as f:
       for line in f:
         if line.strip():
           try:
@@ -87,16 +114,16 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 def read_summary(run_dir: str) -> Optional[dict]:
   """summary.json as the trainer wrote it; None before a run's first stop."""
-  return _read_json(os.path.join(run_dir, SUMMARY))
+  return _read_json(join(run_dir, SUMMARY))
 
 
 def read_trial(run_dir: str) -> dict:
   """trial.json of a sweep's trial; {} for a run the sweep runner did not start."""
-  return _read_json(os.path.join(run_dir, TRIAL)) or {}
+  return _read_json(join(run_dir, TRIAL)) or {}
 
 
 def tokenizer_path(run_dir: str) -> str:
-  return os.path.join(run_dir, TOKENIZER)
+  return join(run_dir, TOKENIZER)
 
 
 def read_tokenizer(run_dir: str):

@@ -69,6 +69,22 @@ def set_cpu_devices(config) -> int:
   return want
 
 
+def initialize_distributed(dist) -> None:
+  """Joins the other processes of a multi-host job (jax.distributed), once, before JAX starts.
+
+  `dist` is the config's `distributed` section. With no coordinator address, JAX
+  finds the cluster itself (a TPU slice, SLURM, Open MPI, Kubernetes) or reads
+  JAX_COORDINATOR_ADDRESS.
+  """
+  if not dist.enabled or jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  if dist.coordinator_address:
+    kwargs = dict(coordinator_address=dist.coordinator_address, num_processes=int(dist.num_processes),
+                  process_id=int(dist.process_id))
+  jax.distributed.initialize(**kwargs)
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   fsdp, tensor = int(mesh_cfg.fsdp), int(mesh_cfg.tensor)
   data = int(mesh_cfg.data)
@@ -106,6 +122,57 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local: dict, sharding: NamedSharding) -> dict:
-  """Assembles each process's rows into one global array per key (no copy on one host)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def batch_rows(sharding: NamedSharding, B: int) -> np.ndarray:
+  """The rows of a (B, T) batch that this process's devices hold under `sharding`, in order.
+
+  Derived from the sharding itself, so it is right for any mesh on any number of
+  processes: rows replicated over `tensor` are read by every process that holds them.
+  """
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((B, 1)).values():
+    rows.update(range(B)[index[0]])
+  return np.array(sorted(rows), np.int64)
+
+
+def global_batch(local: dict, rows: np.ndarray, B: int, sharding: NamedSharding) -> dict:
+  """Global (B, ...) arrays from this process's rows: local[k][i] is row rows[i] of the batch."""
+  def assemble(x):
+    # Each device's block of rows, looked up among the rows this process read.
+    take = lambda index: x[np.searchsorted(rows, np.arange(B)[index[0]])]
+    return jax.make_array_from_callback((B, *x.shape[1:]), sharding, take)
+  return {k: assemble(v) for k, v in local.items()}
+
+
+def device_batches(batches: list[dict], mesh: Mesh) -> list[dict]:
+  """Whole (B, T) numpy batches onto the mesh; each process places only the rows its devices hold."""
+  shard = batch_sharding(mesh)
+  out = []
+  for b in batches:
+    B = len(b["inputs"])
+    rows = batch_rows(shard, B)
+    out.append(global_batch({k: v[rows] for k, v in b.items()}, rows, B, shard))
+  return out
+
+
+def check_mesh(cfg: model_lib.ModelConfig, mesh: Mesh, batch_size: int | None = None) -> None:
+  """Refuses, before anything compiles, a mesh that cannot split the batch or the parameters.
+
+  Every dimension a mesh axis splits must divide evenly by that axis's size.
+  """
+  if batch_size is not None:
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % split:
+      raise ConfigError(
+          f"train.batch_size ({batch_size}) must be divisible by the data x fsdp mesh axes ({split}); "
+          f"use a multiple of {split}.")
+  sizes = {"embed": ("model.embed_dim", cfg.embed_dim), "heads": ("model.num_heads", cfg.num_heads),
+           "mlp": ("the MLP width (model.mlp_ratio x model.embed_dim)", cfg.mlp_ratio * cfg.embed_dim),
+           "vocab": ("the padded vocabulary (model.vocab_size)", cfg.vocab_size)}
+  for logical, axis in RULES:
+    if logical not in sizes or axis is None:
+      continue
+    (name, size), n = sizes[logical], mesh.shape[axis]
+    if size % n:
+      raise ConfigError(
+          f"mesh.{axis}={n} does not divide {name} = {size}; choose a mesh.{axis} that divides it "
+          "(or change the model).")

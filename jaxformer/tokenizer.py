@@ -9,8 +9,8 @@ token ids are never silently read with another vocabulary.
 from collections.abc import Iterable
 import hashlib
 import json
-import os
 
+from etils import epath
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
@@ -73,11 +73,12 @@ def kind(tok: Tokenizer) -> str:
 
 def load_tokenizer(path: str) -> Tokenizer:
   """Reads a `tokenizer.json` (or the `tokenizer.json` inside a directory)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, "tokenizer.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no tokenizer at {path}; train one first (a training run writes tokenizer.json).")
-  return Tokenizer.from_file(path)
+  file = epath.Path(path)  # local or in a bucket
+  if file.is_dir():
+    file = file / "tokenizer.json"
+  if not file.exists():
+    raise FileNotFoundError(f"no tokenizer at {file}; train one first (a training run writes tokenizer.json).")
+  return Tokenizer.from_str(file.read_text())
 
 
 def fingerprint(tok: Tokenizer) -> str:

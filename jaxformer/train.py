@@ -9,8 +9,8 @@ a few named functions of the run and the step.
 
 import dataclasses
 import functools
+import hashlib
 import math
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -18,7 +18,9 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import optax
 
 from jaxformer import checkpoint
@@ -174,37 +176,28 @@ def init_state(model, tx, shardings, seed: int) -> TrainState:
 
 def compile_steps(model, tx, schedule, shardings, mesh, micro: int):
   """The jit'd train step (state donated) and eval step, with their shardings."""
-  batch = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, micro_batches=micro),
-      in_shardings=(shardings, batch), out_shardings=(shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                    in_shardings=(shardings.params, batch), out_shardings=sharding.replicated(mesh))
-  return step_fn, eval_fn
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return step_fn, eval_function(model, shardings.params, mesh)
 
 
-def maybe_initialize_distributed(config) -> None:
-  """Multi-host through JAX's own runtime; settings from the config or the cluster's environment."""
-  dist = config.distributed
-  if not dist.enabled:
+def eval_function(model, param_shardings, mesh) -> Callable:
+  """The jit'd eval step over the mesh: sharded params and batch in, replicated sums out."""
+  return jax.jit(functools.partial(eval_step, model=model),
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def agree_across_processes(value: str, what: str, fix: str) -> None:
+  """Raises the same ConfigError on every process when they hold different `value`s."""
+  if jax.process_count() == 1:
     return
-  kwargs = {}
-  if dist.coordinator_address:
-    kwargs = dict(coordinator_address=dist.coordinator_address, num_processes=int(dist.num_processes),
-                  process_id=int(dist.process_id))
-  jax.distributed.initialize(**kwargs)
-
-
-def check_batch(config, mesh) -> None:
-  split = mesh.shape["data"] * mesh.shape["fsdp"]
-  B = config.train.batch_size
-  if B % split:
-    raise ConfigError(
-        f"train.batch_size ({B}) must be divisible by the data x fsdp mesh axes ({split}); "
-        f"use a multiple of {split}.")
-  if B % jax.process_count():
-    raise ConfigError(f"train.batch_size ({B}) must be divisible by the {jax.process_count()} processes.")
+  digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int64)
+  values = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+  if len(set(values.tolist())) > 1:
+    raise ConfigError(f"{what} differs between the {jax.process_count()} processes; {fix}")
 
 
 def model_for(config, tokenizer) -> model_lib.Transformer:
@@ -221,16 +214,16 @@ def model_for(config, tokenizer) -> model_lib.Transformer:
 def _prepare_init_from(config, workdir: str) -> None:
   """Fine-tuning uses the base run's tokenizer, so token ids mean the same thing."""
   src = runs.tokenizer_path(config.train.init_from)
-  if not os.path.isfile(src):
+  if not runs.exists(src):
     raise ConfigError(f"train.init_from={config.train.init_from} has no tokenizer.json; point it at a trained run folder.")
   dst = runs.tokenizer_path(workdir)
-  if not os.path.exists(dst):
+  if not runs.exists(dst) and jax.process_index() == 0:
     runs.atomic_write(dst, tokenizer_lib.load_tokenizer(src).to_str())
 
 
 def check_init_from(init_from: str, model_cfg: model_lib.ModelConfig) -> None:
   """Fine-tuning needs the base run's architecture; execution settings may differ."""
-  base = config_lib.model_config(config_lib.load_config_json(os.path.join(init_from, "config.json")))
+  base = config_lib.model_config(config_lib.load_config_json(runs.join(init_from, runs.CONFIG)))
   diff = [f"model.{f.name}: {getattr(base, f.name)} vs {getattr(model_cfg, f.name)}"
           for f in dataclasses.fields(model_cfg) if getattr(base, f.name) != getattr(model_cfg, f.name)]
   if diff:
@@ -248,6 +241,7 @@ class Run:
   data: Any
   model: model_lib.Transformer
   mesh: Any
+  rows: np.ndarray           # the rows of each (B, T) batch this process's devices hold
   step_fn: Callable
   eval_fn: Callable
   state: TrainState
@@ -285,24 +279,34 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
   """config -> data -> model -> mesh -> state (restored, fine-tuned from a base run, or fresh)."""
   config_lib.validate(config)
   sharding.set_cpu_devices(config)  # before anything starts JAX
-  maybe_initialize_distributed(config)
-  os.makedirs(workdir, exist_ok=True)
+  sharding.initialize_distributed(config.distributed)
   t, lead = config.train, jax.process_index() == 0
   if t.init_from:
     _prepare_init_from(config, workdir)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("base tokenizer copied")
 
-  data = data_lib.load_data(config.data, workdir, t.seq_len)
+  # Every process prepares the same tokenizer and data (one process per host builds the
+  # cache, the others on that host wait for it); only process 0 writes run-folder files.
+  data = data_lib.load_data(config.data, workdir, t.seq_len, save_tokenizer=lead)
+  agree_across_processes(tokenizer_lib.fingerprint(data.tokenizer), "the tokenizer",
+                         "give every host the same data and data.* settings.")
   model = model_for(config, data.tokenizer)
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy with V filled in
   config.model.vocab_size = model.cfg.vocab_size
   if lead:
-    runs.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))
+    runs.atomic_write(runs.join(workdir, runs.CONFIG), config.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("config.json written")
+    agree_across_processes(str(runs.exists(runs.join(workdir, runs.CONFIG))), "whether the run folder holds "
+                           "config.json", f"--workdir={workdir} must be one folder every process sees: a bucket "
+                           "(gs://...) or a shared file system.")
   if model.cfg.pos_encoding == "learned" and t.seq_len < model.cfg.max_len:
     log(f"warning: train.seq_len {t.seq_len} < model.max_len {model.cfg.max_len}: learned positions past "
         f"{t.seq_len} are never trained, and samples longer than that degrade.")
 
   mesh = sharding.make_mesh(config.mesh)
-  check_batch(config, mesh)
+  sharding.check_mesh(model.cfg, mesh, t.batch_size)
   micro = micro_batches(config, mesh)
   if lead:
     shape = " x ".join(f"{k} {v}" for k, v in mesh.shape.items())
@@ -316,8 +320,8 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
   fingerprint = tokenizer_lib.fingerprint(data.tokenizer)
   meta = {"jax": jax.__version__, "flax": flax.__version__, "orbax": checkpoint.ocp.__version__,
           "tokenizer": fingerprint, "num_params": metrics_lib.num_params(model.cfg)}
-  ckpts = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
-  best = checkpoint.manager(os.path.join(workdir, "best"), keep=1)
+  ckpts = checkpoint.manager(runs.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  best = checkpoint.manager(runs.join(workdir, "best"), keep=1)
   abstract = checkpoint.abstract_like(abstract, shardings)
   stopping = EarlyStopping(patience=t.early_stopping_patience)
   restored = checkpoint.restore_latest(ckpts, abstract, log=log)
@@ -344,9 +348,10 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
 
   valid = data_lib.validation_set(data, num_batches=config.data.num_valid_batches,
                                   batch_size=t.batch_size, seq_len=t.seq_len)
-  batch = sharding.batch_sharding(mesh)
-  valid_batches = [sharding.global_batch(b, batch) for b in valid.batches]  # on the devices once
-  return Run(config=config, workdir=workdir, lead=lead, data=data, model=model, mesh=mesh, step_fn=step_fn,
+  valid_batches = sharding.device_batches(valid.batches, mesh)  # on the devices once
+  rows = sharding.batch_rows(sharding.batch_sharding(mesh), t.batch_size)
+  return Run(config=config, workdir=workdir, lead=lead, data=data, model=model, mesh=mesh, rows=rows,
+             step_fn=step_fn,
              eval_fn=eval_fn, state=state, start=start, valid_batches=valid_batches,
              entropy_floor=valid.entropy_floor, checkpoints=ckpts, best=best, meta=meta, stopping=stopping)
 
@@ -355,12 +360,11 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
 
 
 def get_batch(run: Run, step: int) -> dict:
-  """The global (B, T) batch of `step`, assembled from this process's rows."""
+  """The global (B, T) batch of `step`, assembled from the rows this process's devices hold."""
   t = run.config.train
   local = data_lib.train_batch(run.data.train, seed=run.config.seed, step=step, batch_size=t.batch_size,
-                               seq_len=t.seq_len, process_index=jax.process_index(),
-                               process_count=jax.process_count())
-  return sharding.global_batch(local, sharding.batch_sharding(run.mesh))
+                               seq_len=t.seq_len, rows=run.rows)
+  return sharding.global_batch(local, run.rows, t.batch_size, sharding.batch_sharding(run.mesh))
 
 
 def save_checkpoint(run: Run, step: int, best: bool = False, log: Callable = print) -> None:
@@ -414,7 +418,7 @@ class Profiler:
 
   def __init__(self, run: Run):
     self.window = config_lib.profile_steps(run.config.train) if run.lead else None
-    self.path, self.active = os.path.join(run.workdir, "profile"), False
+    self.path, self.active = runs.join(run.workdir, "profile"), False
 
   def at(self, step: int, state) -> None:
     """Called before step `step` is dispatched."""
@@ -471,11 +475,17 @@ class Reporter:
 
 
 class StopSignals:
-  """SIGINT/SIGTERM set a flag that the loop reads between steps (a checkpoint, then exit)."""
+  """SIGINT/SIGTERM set a flag that the loop reads between steps (a checkpoint, then exit).
+
+  On many processes a signal reaches each at its own moment, but all must stop after
+  the same step: JAX's preemption notifier (started by jax.distributed) catches
+  SIGTERM and the processes agree on the step to stop after.
+  """
 
   def __init__(self):
     self.signal, self._old = None, {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    self.many = jax.process_count() > 1
+    for sig in () if self.many else (signal.SIGINT, signal.SIGTERM):
       try:
         self._old[sig] = signal.signal(sig, self._on_signal)
       except ValueError:  # not the main thread
@@ -483,6 +493,12 @@ class StopSignals:
 
   def _on_signal(self, signum, _frame):
     self.signal = signum
+
+  def stop(self, step: int) -> bool:
+    """Whether to stop before `step`; call it at every step, on every process."""
+    if self.many and multihost_utils.reached_preemption_sync_point(step):
+      self.signal = signal.SIGTERM
+    return self.signal is not None
 
   def restore(self) -> None:
     for sig, handler in self._old.items():
@@ -497,7 +513,7 @@ def write_summary(run: Run, **fields) -> dict:
              "entropy_floor": run.entropy_floor, "num_params": run.meta["num_params"], **fields}
   summary["tokens"] = summary.get("step", run.start) * run.config.train.batch_size * run.config.train.seq_len
   if run.lead:
-    runs.write_json(os.path.join(run.workdir, "summary.json"), summary)
+    runs.write_json(runs.join(run.workdir, runs.SUMMARY), summary)
   return summary
 
 
@@ -531,7 +547,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
   write_summary(run, status="running", stop_reason="", step=step)
   try:
     while step < t.steps:
-      if signals.signal is not None or step == stop_at:
+      if signals.stop(step) or step == stop_at:
         status = "stopped"
         reason = f"signal {signals.signal}" if signals.signal is not None else f"stopped at step {step}"
         break

@@ -2,6 +2,7 @@
 
 python scripts/evaluate.py --workdir=DIR [--checkpoint=best|latest|STEP] [--config.data.KEY=VALUE ...]
                            [--config.train.batch_size=B] [--config.train.seq_len=T]
+                           [--config.mesh.KEY=VALUE] [--config.distributed.KEY=VALUE]
 With no --config flags it scores the run's own validation batches; --config.data.*
 evaluates on another corpus with the run's tokenizer.
 """
@@ -18,7 +19,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The run folder to evaluate.", r
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
 # Only the fields given on the command line are used; the rest come from the run's config.json.
 _CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides: --config.data.*, "
-                                          "--config.train.batch_size, --config.train.seq_len.")
+                                          "--config.train.batch_size, --config.train.seq_len, "
+                                          "--config.mesh.*, --config.distributed.* (many hosts).")
 
 
 def main(argv):

@@ -2,6 +2,7 @@
 
 python scripts/sample.py --workdir=DIR [--prompt=TEXT | --prompt_file=FILE] [--num_samples=N]
     [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S] [--checkpoint=latest|best|STEP]
+    [--config.mesh.KEY=VALUE] [--config.distributed.KEY=VALUE]
 
 temperature=0 is greedy; top_k=0 and top_p=1.0 switch those filters off. An empty
 prompt starts from the end-of-text token, as a new document does in training.
@@ -10,8 +11,10 @@ prompt starts from the end-of-text token, as a new document does in training.
 import os
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from jaxformer import checkpoint, cli, sampling, tokenizer as tokenizer_lib
+from jaxformer.config import base_config
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder made by scripts/train.py.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (\"\" starts a new document).")
@@ -23,6 +26,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 is o
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus: keep the smallest set with mass >= p; 1.0 is off.")
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed and flags give the same text.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+# Only the fields given on the command line are used: where to load the run (mesh.*, distributed.*).
+_CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides: --config.mesh.*, "
+                                          "--config.distributed.* (many hosts).")
 
 
 def main(argv):
@@ -39,7 +45,8 @@ def main(argv):
       raise cli.UsageError(f"--prompt_file={_PROMPT_FILE.value} does not exist; give a readable text file.")
     with open(_PROMPT_FILE.value, encoding="utf-8") as f:
       prompt = f.read()
-  _, model, params, tok, step = checkpoint.load_run(_WORKDIR.value, _CHECKPOINT.value)
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  _, model, params, tok, step, _ = checkpoint.load_run(_WORKDIR.value, _CHECKPOINT.value, overrides)
   tokenizer_lib.encode(tok, prompt)  # refuses characters a char tokenizer has never seen, naming them
   texts = sampling.sample_text(
       params, model, tok, [prompt] * _NUM.value, max_new_tokens=_MAX_NEW.value,

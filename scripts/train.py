@@ -27,7 +27,7 @@ def main(argv):
   summary = train.train_and_evaluate(config, workdir)
   print(train.summary_line(summary), flush=True)
   if config.train.num_samples > 0:
-    _, model, params, tok, _ = checkpoint.load_run(workdir)
+    _, model, params, tok, _, _ = checkpoint.load_run(workdir)
     texts = sampling.sample_text(
         params, model, tok, [""] * config.train.num_samples, max_new_tokens=config.train.sample_tokens,
         temperature=0.8, top_p=0.95, seed=config.seed)

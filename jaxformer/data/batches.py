@@ -34,18 +34,14 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict:
 
 
 def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, seq_len: int,
-                process_index: int = 0, process_count: int = 1) -> dict:
-  """This process's rows of the global training batch at `step`.
+                rows: np.ndarray | None = None) -> dict:
+  """Rows `rows` (default: all) of the global training batch at `step`, in that order.
 
-  `batch_size` is the global B; process p gets the contiguous block of rows
-  [p*B/P, (p+1)*B/P), so stacking the processes' blocks in process order gives
-  the global batch.
+  `batch_size` is the global B; each process reads only the rows its devices
+  hold (`sharding.batch_rows`), and every row is the same on every process.
   """
-  if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} must be divisible by the process count {process_count}.")
   starts = train_starts(len(tokens), seed=seed, step=step, batch_size=batch_size, seq_len=seq_len)
-  rows = batch_size // process_count
-  return _windows(tokens, starts[process_index * rows:(process_index + 1) * rows], seq_len)
+  return _windows(tokens, starts if rows is None else starts[rows], seq_len)
 
 
 def _pad_rows(batch: dict, num_rows: int, pad_id: int) -> dict:

@@ -11,7 +11,9 @@ A token directory is written under a temporary name and renamed into place,
 so an interrupted run never leaves a half-written cache behind.
 """
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -63,15 +65,17 @@ def _train_tokenizer(data_config, source: sources.Source) -> tokenizers.Tokenize
   return tokenizer_lib.train_bpe(source.train, int(data_config.bpe_vocab_size))
 
 
-def get_tokenizer(data_config, workdir: str | None, description: dict, get_source) -> tokenizers.Tokenizer:
+def get_tokenizer(data_config, workdir: str | None, description: dict, get_source,
+                  save: bool = True) -> tokenizers.Tokenizer:
   """The run's tokenizer: the workdir's if it has one, else a cached or freshly trained one.
 
-  A new tokenizer is saved to `workdir/tokenizer.json`, so a resumed run keeps it.
-  `get_source()` loads the documents; it is only called when training is needed.
+  A new tokenizer is saved to `workdir/tokenizer.json` (when `save`: process 0 of
+  many), so a resumed run keeps it. `get_source()` loads the documents; it is
+  only called when training is needed.
   """
   kind = data_config.tokenizer  # config.validate checked it and bpe_vocab_size
-  workdir_path = os.path.join(workdir, "tokenizer.json") if workdir else None
-  if workdir_path and os.path.exists(workdir_path):
+  workdir_path = runs.tokenizer_path(workdir) if workdir else None
+  if workdir_path and runs.exists(workdir_path):
     tok = tokenizer_lib.load_tokenizer(workdir_path)
     if tokenizer_lib.kind(tok) != kind:
       raise DataError(
@@ -79,16 +83,30 @@ def get_tokenizer(data_config, workdir: str | None, description: dict, get_sourc
           "use a fresh --workdir or set data.tokenizer to match the run.")
     return tok
   settings = {"kind": kind, "bpe_vocab_size": int(data_config.bpe_vocab_size) if kind == "bpe" else None}
-  cached_path = os.path.join(sources.cache_root(data_config), "tokenizers",
-                             _hash({"source": description, "tokenizer": settings}), "tokenizer.json")
-  if os.path.exists(cached_path):
-    tok = tokenizer_lib.load_tokenizer(cached_path)
-  else:
-    tok = _train_tokenizer(data_config, get_source())
-    runs.atomic_write(cached_path, tok.to_str())
-  if workdir_path:
+  key = _hash({"source": description, "tokenizer": settings})
+  cached_path = os.path.join(sources.cache_root(data_config), "tokenizers", key, "tokenizer.json")
+  with host_lock(data_config, f"tokenizer-{key}"):  # one process per host trains it; the others wait and read it
+    if os.path.exists(cached_path):
+      tok = tokenizer_lib.load_tokenizer(cached_path)
+    else:
+      tok = _train_tokenizer(data_config, get_source())
+      runs.atomic_write(cached_path, tok.to_str())
+  if workdir_path and save:
     runs.atomic_write(workdir_path, tok.to_str())
   return tok
+
+
+@contextlib.contextmanager
+def host_lock(data_config, name: str):
+  """An exclusive lock among this host's processes on the cache entry `name` (flock: freed if one dies)."""
+  directory = os.path.join(sources.cache_root(data_config), "locks")
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, name + ".lock"), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # Byte-level BPE pre-tokens never span a newline that has non-space on both sides
@@ -242,11 +260,12 @@ def token_cache_dir(data_config, description: dict, fingerprint: str) -> str:
   return os.path.join(sources.cache_root(data_config), "tokens", key)
 
 
-def load_data(data_config, workdir: str | None, seq_len: int) -> Data:
+def load_data(data_config, workdir: str | None, seq_len: int, save_tokenizer: bool = True) -> Data:
   """Everything a training run eats: tokenizer, memmapped token arrays, validation layout.
 
   A second call with the same source and tokenizer reads the cache without
-  loading or tokenizing any text.
+  loading or tokenizing any text. Processes of one host that start together
+  build the cache once: the first holds the lock, the others then read its work.
   """
   description = sources.describe_source(data_config)
   loaded = []
@@ -256,13 +275,16 @@ def load_data(data_config, workdir: str | None, seq_len: int) -> Data:
       loaded.append(sources.load_source(data_config, description))
     return loaded[0]
 
-  tok = get_tokenizer(data_config, workdir, description, get_source)
+  tok = get_tokenizer(data_config, workdir, description, get_source, save=save_tokenizer)
   fingerprint = tokenizer_lib.fingerprint(tok)
   cache_dir = token_cache_dir(data_config, description, fingerprint)
   manifest = read_manifest(cache_dir)
   if manifest is None:
-    build_cache(cache_dir, get_source(), tok, num_proc=int(data_config.num_proc))
-    manifest = read_manifest(cache_dir)
+    with host_lock(data_config, f"tokens-{os.path.basename(cache_dir)}"):
+      manifest = read_manifest(cache_dir)
+      if manifest is None:
+        build_cache(cache_dir, get_source(), tok, num_proc=int(data_config.num_proc))
+        manifest = read_manifest(cache_dir)
   check_manifest(manifest, fingerprint, cache_dir)
 
   def load(name):
