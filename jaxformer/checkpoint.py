@@ -162,6 +162,8 @@ def load_run(workdir: str, which: str = "latest", overrides: dict | None = None)
       raise config_lib.ConfigError(
           f"--config.{key} cannot change when loading a trained run; only mesh.* and distributed.* can.")
   pick = lambda prefix: {k: v for k, v in overrides.items() if k.startswith(prefix)}
+  if "mesh.cpu_devices" in overrides:  # a CPU host split into devices, as in training
+    sharding.set_cpu_devices(config_lib.apply_overrides(config_lib.base_config(), pick("mesh."), "--config"))
   sharding.initialize_distributed(
       config_lib.apply_overrides(config_lib.base_config(), pick("distributed."), "--config").distributed)
   tok_path = runs.tokenizer_path(workdir)
