@@ -11,8 +11,9 @@ Clients it covers (all verified), and the variables they read:
   - orbax CheckpointManager (tensorstore)    TENSORSTORE_GCS_HTTP_URL, GOOGLE_AUTH_TOKEN_FOR_TESTING
   - tensorboardX SummaryWriter("gs://...")   STORAGE_EMULATOR_HOST (google-cloud-storage); close it inside the block
 Unlike a local disk: open(..., "a") overwrites (gcsfs warns), as on real GCS. Everything stays in the emulator's memory.
-The server gets one patch: the `moveTo` call gcsfs renames with (unpatched: a 501, which gcsfs retries for ~30 s
-before it falls back to copy + delete).
+The server gets two patches: the `moveTo` call gcsfs renames with (unpatched: a 501, which gcsfs retries for ~30 s
+before it falls back to copy + delete), and the `x-goog-generation` header on downloads, which real GCS sends and
+tensorstore reads (without it a read that misses tensorstore's cache fails: "Malformed StorageGeneration").
 Requires: pip install gcsfs gcp-storage-emulator
 """
 
@@ -116,6 +117,20 @@ def _serve(port, bucket):
     objects._delete(storage, p["bucket_name"], p["object_id"])
     response.json(obj)
 
+  plain_download = objects.download
+
+  def download(request, response, storage, *args, **kwargs):
+    plain_download(request, response, storage, *args, **kwargs)
+    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = obj["generation"]
+      response["x-goog-metageneration"] = obj["metageneration"]
+
+  objects.download = download  # objects.get calls it for ?alt=media, the path tensorstore reads through
+  for _, methods in server.HANDLERS:
+    for method, handler in methods.items():
+      if handler is plain_download:
+        methods[method] = download
   route = r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/(?P<dest_object_id>.*[^/]+)$"
   server.HANDLERS = ((route, {"POST": move}),) + tuple(server.HANDLERS)
   cli.main(["start", "--host=127.0.0.1", f"--port={port}", "--in-memory", f"--default-bucket={bucket}", "--quiet"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import types
@@ -169,6 +170,43 @@ def test_second_load_reads_the_cache_without_tokenizing(tmp_path, monkeypatch, s
     assert again.manifest == first.manifest
     np.testing.assert_array_equal(again.train, first.train)
     assert tk.fingerprint(again.tokenizer) == tk.fingerprint(first.tokenizer)
+
+
+_RACE = """
+import json, sys, time
+from jaxformer import config as config_lib
+from jaxformer.data import pipeline
+calls = {"tokenizer": 0, "cache": 0}
+def counted(name, fn):
+  def wrapped(*args, **kwargs):
+    calls[name] += 1
+    time.sleep(1.0)  # long enough for the other processes to arrive while this one builds
+    return fn(*args, **kwargs)
+  return wrapped
+pipeline._train_tokenizer = counted("tokenizer", pipeline._train_tokenizer)
+pipeline.build_cache = counted("cache", pipeline.build_cache)
+d = config_lib.base_config().data
+d.update(dict(cache_dir=sys.argv[1], source="text", path=sys.argv[2], doc_separator="<|endoftext|>",
+              tokenizer="bpe", bpe_vocab_size=300))
+data = pipeline.load_data(d, None, seq_len=16)
+print(json.dumps({**calls, "tokens": int(data.train.sum()), "cache_dir": data.manifest["cache_dir"]}))
+"""
+
+
+def test_processes_starting_together_build_the_cache_once(tmp_path, story_file):
+  """As the processes of one host do: the first builds tokenizer and tokens, the others wait and read them."""
+  path, _ = story_file
+  cmd = [sys.executable, "-c", _RACE, str(tmp_path / "cache"), path]
+  env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for _ in range(3)]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    results.append(json.loads(out.splitlines()[-1]))
+  assert sum(r["tokenizer"] for r in results) == 1 and sum(r["cache"] for r in results) == 1, results
+  assert len({(r["tokens"], r["cache_dir"]) for r in results}) == 1
 
 
 def test_cache_key_follows_tokenizer_and_file(tmp_path, story_file):

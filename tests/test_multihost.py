@@ -15,7 +15,7 @@ import time
 import pytest
 
 from configs import default
-from jaxformer import checkpoint, config as config_lib, evaluate, runs, sampling, train
+from jaxformer import checkpoint, config as config_lib, data as data_lib, evaluate, runs, sampling, train
 import multihost
 
 WORKER = os.path.join(multihost.HERE, "multihost_worker.py")
@@ -51,7 +51,8 @@ def wait_for_step(workdir: str, step: int, procs, timeout: float) -> None:
 def test_two_processes_train_every_mesh_resume_from_preemption_and_sample_like_one(tmp_path):
   cache = str(tmp_path / "cache")
   jit_cache = multihost.compilation_cache(str(tmp_path / "jit"))  # a resume reuses what its start compiled
-  ref = single_device(cache, str(tmp_path / "single"), **{"train.steps": 1})  # builds the data cache once
+  data_config = config_lib.apply_overrides(default.get_config(), {**multihost.TINY, "data.cache_dir": cache}).data
+  data_lib.load_data(data_config, None, seq_len=32)  # the data cache, built once for every process
 
   # The worker: every mesh in turn on 2 processes.
   runs_spec = {name: {**STEPS, **o, **(DROPOUT if name in WITH_DROPOUT else {})} for name, o in MESHES.items()}
