@@ -92,7 +92,8 @@ def test_two_processes_train_every_mesh_resume_from_preemption_and_sample_like_o
   assert len(ref) == 12 and max(abs(ref_dropout[s] - ref[s]) for s in ref) > 1e-3  # dropout changes losses
   for name in MESHES:
     want = ref_dropout if name in WITH_DROPOUT else ref
-    assert two[name]["losses"] == pytest.approx(want, rel=1e-5), name
+    # Only the order of the sums differs from one device (seen: at most 3.5e-7 relative).
+    assert two[name]["losses"] == pytest.approx(want, rel=1e-6), name
   # The preempted run, resumed, ends exactly where the same run never stopped ends.
   assert resumed["eval_loss"] == two["2x1x2"]["eval_loss"]
   # A mesh that cannot be laid out is refused with its sentence on every process, before compiling.
