@@ -9,6 +9,7 @@ import logging
 from typing import Any, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -85,6 +86,8 @@ def restore_latest(mgr, abstract_state, log=print) -> Optional[tuple[Any, dict, 
       log(f"warning: checkpoint {bad_step} in {mgr.directory} could not be read ({why}); "
           f"moved it to {aside} and resuming from step {step} instead.")
     if errors:
+      if jax.process_count() > 1:  # every process lists the steps after process 0 has moved them
+        multihost_utils.sync_global_devices("unreadable checkpoints moved aside")
       mgr.reload()
     return state, data_state, meta, step
   raise CheckpointError(
