@@ -27,9 +27,13 @@ class CheckpointError(RuntimeError):
 
 
 def manager(directory: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+  # On many processes Orbax names its save barriers by step; checkpoints/ and best/ both save
+  # the last step, so each folder's barriers carry its name or the two saves collide.
+  prefix = runs.path(directory).name
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=not read_only)
+      enable_async_checkpointing=not read_only,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix))
   return ocp.CheckpointManager(runs.path(directory), options=options, item_names=ITEMS)
 
 

@@ -5,6 +5,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests run on the CPU. With libtpu installed (the tpu extra, for the TPU compile tests) every
+# JAX process would otherwise probe for a TPU, contend for libtpu's lock file and print warnings;
+# compiling for a TPU topology needs no TPU backend. Subprocesses inherit this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers such as sharding_worker
 
 # In-process tests run on one CPU device, whichever test starts JAX first (train_and_evaluate's
