@@ -7,16 +7,20 @@ import dataclasses
 import json
 import re
 
+import jax
 import ml_collections
 from etils import epath
 
 from jaxformer import tokenizer as tokenizer_lib
-from jaxformer.model import Execution, ModelConfig
+from jaxformer.model import REMAT, Execution, ModelConfig
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope")
-KERNELS = ("cpu", "reference", "xla", "cudnn")
+KERNELS = ("auto", "cpu", "reference", "xla", "cudnn", "splash")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
+# compute.kernels/dtype "auto", by the platform the step runs on: each one's fast path.
+AUTO_KERNELS = {"cpu": "cpu", "gpu": "cudnn", "tpu": "splash"}
+AUTO_DTYPES = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -46,17 +50,22 @@ def base_config() -> ml_collections.ConfigDict:
   # --- compute: how the model is computed. Never part of a checkpoint: free to change
   # on resume or fine-tune; results agree up to float rounding.
   x = c.compute = ml_collections.ConfigDict()
+  # auto: each platform's fast path: cpu on CPUs, cudnn on GPUs, splash on TPUs.
   # cpu: our CPU kernels (blocked attention, hand-written LayerNorm/GELU/MLP backward passes);
   # reference: the guide written out with stock Flax layers; xla: jax.nn.dot_product_attention;
-  # cudnn: its cuDNN flash-attention kernel (GPU, bfloat16/float16). See jaxformer/kernels/.
-  x.kernels = "cpu"           # cpu | reference | xla | cudnn
-  x.dtype = "float32"         # compute dtype
+  # cudnn: its cuDNN flash-attention kernel (GPU, bfloat16/float16); splash: the Pallas
+  # splash-attention kernel (TPU). See jaxformer/kernels/.
+  x.kernels = "auto"          # auto | cpu | reference | xla | cudnn | splash
+  x.dtype = "auto"            # compute dtype; auto: float32 on CPUs, bfloat16 on GPUs and TPUs
   x.param_dtype = "float32"   # parameters and optimizer state
   # Matmul operands: "" = the compute dtype; "bfloat16" rounds the operands of the dense
   # layers' and blocked attention's matmuls to bfloat16 and sums in float32 (~2x faster
   # matmuls on CPUs with AVX512-BF16); everything else stays in the compute dtype.
   x.matmul_dtype = ""
-  x.remat = False             # recompute each block in the backward pass to save memory
+  # Rematerialisation: what each block keeps for the backward pass (the rest is recomputed).
+  # none: everything; full: only its input; dots_saveable: matmul outputs; save_attention_out:
+  # the attention output; save_qkv_attention_out: that and the q/k/v projection (model.REMAT).
+  x.remat = "none"
 
   # --- data: source -> tokenizer -> token arrays -> batches.
   d = c.data = ml_collections.ConfigDict()
@@ -170,19 +179,19 @@ def validate_compute(x, m) -> None:
   """Checks the compute section against the model it runs; one sentence per failure."""
   if x.kernels not in KERNELS:
     raise ConfigError(f"compute.kernels must be one of {', '.join(KERNELS)}, got {x.kernels!r}.")
-  for name in ("dtype", "param_dtype"):
-    if x[name] not in DTYPES:
-      raise ConfigError(f"compute.{name} must be one of {', '.join(DTYPES)}, got {x[name]!r}.")
+  if x.dtype not in ("auto",) + DTYPES:
+    raise ConfigError(f"compute.dtype must be one of auto, {', '.join(DTYPES)}, got {x.dtype!r}.")
+  if x.param_dtype not in DTYPES:
+    raise ConfigError(f"compute.param_dtype must be one of {', '.join(DTYPES)}, got {x.param_dtype!r}.")
+  if x.remat not in REMAT:
+    raise ConfigError(f"compute.remat must be one of {', '.join(REMAT)}, got {x.remat!r}.")
   if x.matmul_dtype not in ("",) + DTYPES:
     raise ConfigError(f"compute.matmul_dtype must be '' or one of {', '.join(DTYPES)}, got {x.matmul_dtype!r}.")
-  if x.kernels in ("xla", "cudnn") and m.attn_dropout > 0:
+  if x.kernels in ("xla", "cudnn", "splash") and m.attn_dropout > 0:
     raise ConfigError(
         f"compute.kernels={x.kernels!r} has no attention-weight dropout; set model.attn_dropout=0 "
         "or use compute.kernels='cpu' or 'reference'.")
-  if x.kernels == "cudnn" and x.dtype not in ("bfloat16", "float16"):
-    raise ConfigError(
-        f"compute.kernels='cudnn' runs in bfloat16 or float16 only; set compute.dtype=bfloat16 "
-        f"(got {x.dtype!r}).")
+
 
 
 def validate(c) -> None:
@@ -269,12 +278,25 @@ def model_config(config, vocab_size: int | None = None) -> ModelConfig:
   return ModelConfig(**fields)
 
 
-def execution(config) -> Execution:
-  """How the model is computed: `config.compute` and the model's dropout rates."""
+def execution(config, platform: str | None = None, mesh=None) -> Execution:
+  """How the model is computed: `config.compute` with "auto" resolved for `platform`, and dropout.
+
+  `platform` ("cpu", "gpu", "tpu") defaults to JAX's backend; `mesh`, the train step's,
+  lays out the activations and runs per-device kernels (splash) per device.
+  """
   validate_compute(config.compute, config.model)
   x = config.compute
-  return Execution(kernels=x.kernels, dtype=x.dtype, param_dtype=x.param_dtype, matmul_dtype=x.matmul_dtype,
-                   remat=bool(x.remat), dropout=config.model.dropout, attn_dropout=config.model.attn_dropout)
+  platform = platform or jax.default_backend()
+  dtype = AUTO_DTYPES.get(platform, "float32") if x.dtype == "auto" else x.dtype
+  kernels = AUTO_KERNELS.get(platform, "xla") if x.kernels == "auto" else x.kernels
+  if kernels == "cudnn" and dtype not in ("bfloat16", "float16"):
+    if x.kernels != "auto":
+      raise ConfigError(
+          f"compute.kernels='cudnn' runs in bfloat16 or float16 only; set compute.dtype=bfloat16 "
+          f"(compute.dtype={x.dtype!r} is {dtype} on {platform}).")
+    kernels = "xla"  # auto on a GPU in float32: cuDNN's flash attention takes 16-bit inputs only
+  return Execution(kernels=kernels, dtype=dtype, param_dtype=x.param_dtype, matmul_dtype=x.matmul_dtype,
+                   remat=x.remat, dropout=config.model.dropout, attn_dropout=config.model.attn_dropout, mesh=mesh)
 
 
 # Fields of run folders written before `compute` split from `model`, moved from model to compute.
@@ -291,6 +313,8 @@ def _upgrade(values: dict) -> dict:
       compute[key] = model.pop(key)
   if "attention" in model:
     compute["kernels"] = _OLD_KERNELS[model.pop("attention")]
+  if isinstance(compute.get("remat"), bool):  # remat was on/off before it took a policy
+    compute["remat"] = "full" if compute["remat"] else "none"
   model.pop("micro_batch_rows", None)  # now train.micro_batch_size (auto by default)
   train = values.get("train", {})
   if "grad_accum" in train:  # batch_size was per micro-batch then

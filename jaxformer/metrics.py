@@ -12,16 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformer import chips
 from jaxformer import model as model_lib
 from jaxformer import runs
 from jaxformer.kernels import attention as attention_kernels
-
-# Dense bf16 peak FLOP/s per chip from vendors' data sheets (no sparsity).
-PEAK_FLOPS = {
-    "h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12,
-    "v100": 125e12, "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
-    "tpu v5p": 459e12, "tpu v6": 918e12,
-}
 
 _measured_peak: dict = {}
 
@@ -49,10 +43,9 @@ def peak_flops(device=None, matmul_n: int = 2048) -> tuple[float, str]:
   each gets its share and MFU over all devices still compares with the host's peak.
   """
   device = device or jax.devices()[0]
-  kind = device.device_kind.lower()
-  for name, flops in PEAK_FLOPS.items():
-    if name in kind:
-      return flops, f"table:{name}"
+  chip = chips.find(device.device_kind)
+  if chip is not None:
+    return chip.bf16_flops, f"table:{chip.name} dense bf16 ({chip.source})"
   if matmul_n not in _measured_peak:
     _measured_peak[matmul_n] = measure_matmul_flops(matmul_n)
   share = jax.local_device_count()

@@ -21,6 +21,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,25 +50,44 @@ class ModelConfig:
     return self.embed_dim // self.num_heads
 
 
+# Remat policies by name: what a block keeps from its forward pass for the backward pass
+# (anything else is recomputed). "none" keeps everything (no remat); "full" keeps the block's
+# input only. Names tag the values saved by the policies below (jax.ad_checkpoint.checkpoint_name).
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # every matmul output; recompute the rest
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    "save_qkv_attention_out": jax.checkpoint_policies.save_only_these_names("qkv", "attention_out"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Execution:
   """How the model is computed: never part of a checkpoint, free to change on resume or fine-tune.
 
-  kernels: "reference" (this file), "cpu", "xla" or "cudnn" (see jaxformer/kernels/).
+  kernels: "reference" (this file), "cpu", "xla", "cudnn" or "splash" (see jaxformer/kernels/).
   matmul_dtype: the dense layers' matmul operands ("" = dtype), summed in float32.
-  The dropout rates apply with train=True only.
+  remat: a policy named in REMAT. The dropout rates apply with train=True only.
+  mesh, rules: the train step's device mesh and logical-axis rules (sharding.RULES); given,
+  the activations are pinned to the layouts the rules give them and per-device kernels
+  (splash) run per device. None: XLA chooses.
   """
   kernels: str = "reference"
   dtype: str = "float32"
   param_dtype: str = "float32"
   matmul_dtype: str = ""
-  remat: bool = False
+  remat: str = "none"
   dropout: float = 0.0
   attn_dropout: float = 0.0
+  mesh: Optional[jax.sharding.Mesh] = None
+  rules: tuple = ()
 
   def __post_init__(self):
     if self.kernels != "reference" and self.kernels not in kernels.attention.ATTENTION:
-      raise ValueError(f"unknown kernels {self.kernels!r}; use reference, cpu, xla or cudnn.")
+      raise ValueError(f"unknown kernels {self.kernels!r}; use reference, cpu, xla, cudnn or splash.")
+    if self.remat not in REMAT:
+      raise ValueError(f"unknown remat policy {self.remat!r}; use one of {', '.join(REMAT)}.")
 
   @property
   def cdtype(self):
@@ -92,6 +112,18 @@ _init = nn.initializers.normal(stddev=0.02)
 
 def with_axes(init, axes):
   return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x, ex: Execution, axes: tuple):
+  """Pins activation `x` to the layout its logical `axes` get from the rules (no-op without a mesh).
+
+  The same rules as the parameters: rows over data x fsdp, heads/MLP/vocabulary over
+  tensor; channels (None) whole on every device. Without these GSPMD may choose other
+  layouts between layers and move the data there and back (all-to-alls) every block.
+  """
+  if ex.mesh is None:
+    return x
+  return nn.with_logical_constraint(x, axes, rules=ex.rules, mesh=ex.mesh)
 
 
 def dense_args(cfg: ModelConfig, ex: Execution, axes, n_in: int = 1) -> dict:
@@ -192,14 +224,19 @@ class CausalSelfAttention(nn.Module):
     H, D = cfg.num_heads, cfg.head_dim
     # One fused projection for q, k and v: (B, T, C) -> (B, T, 3, H, D).
     qkv = dense(cfg, ex, (3, H, D), ("embed", None, "heads", "head_dim"), "qkv")(x)
+    qkv = checkpoint_name(constrain(qkv, ex, ("batch", "length", None, "heads", None)), "qkv")
     rope = cfg.rope_base if cfg.pos_encoding == "rope" else None
-    # cuDNN only once initialised: the parameters are the same, and init runs without a GPU.
-    name = "xla" if ex.kernels == "cudnn" and self.is_initializing() else ex.kernels
+    # cuDNN and splash only once initialised: the parameters are the same, and init runs on
+    # a tiny dummy batch (and possibly without the accelerator).
+    name = "xla" if ex.kernels in ("cudnn", "splash") and self.is_initializing() else ex.kernels
     kernel = kernels.attention.ATTENTION.get(name)  # None for "reference": the guide's code below
     if train and ex.attn_dropout > 0:
       kernel = None  # the fast kernels have no dropout on the weights
     if kernel is not None and query_at is None:
-      y = kernel(qkv, window=cfg.sliding_window, rope_base=rope, operand_dtype=ex.operand_dtype)
+      extra = {}
+      if name == "splash" and ex.mesh is not None:  # per device: its rows and heads, laid out as the rules say
+        extra = {"mesh": ex.mesh, "spec": nn.logical_to_mesh_axes(("batch", "length", "heads", None), ex.rules)}
+      y = kernel(qkv, window=cfg.sliding_window, rope_base=rope, operand_dtype=ex.operand_dtype, **extra)
     else:
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, D)
       if rope is not None:
@@ -212,6 +249,7 @@ class CausalSelfAttention(nn.Module):
         y, weights = plain_attention(q, k, v, window=cfg.sliding_window,
                                      dropout=lambda w: drop(w, train, row_ids))
         self.sow("intermediates", "attention_weights", weights)
+    y = checkpoint_name(constrain(y, ex, ("batch", "length", "heads", None)), "attention_out")
     # Concatenate heads and project back: (B, T, H, D) -> (B, T, C).
     y = dense(cfg, ex, cfg.embed_dim, ("heads", "head_dim", "embed"), "proj", axis=(-2, -1))(y)
     return Dropout(ex.dropout)(y, train, row_ids)
@@ -226,6 +264,7 @@ class MLP(nn.Module):
   def __call__(self, x, train: bool, row_ids):
     cfg, ex = self.cfg, self.ex
     h = dense(cfg, ex, cfg.mlp_ratio * cfg.embed_dim, ("embed", "mlp"), "fc")(x)  # (B, T, 4C)
+    h = constrain(h, ex, ("batch", "length", "mlp"))
     if ex.kernels == "cpu":  # act(h) recomputed in the backward pass, not stored
       y = kernels.layers.ActivationDense(cfg.embed_dim, cfg.activation, name="proj",
                                          **dense_args(cfg, ex, ("mlp", "embed")))(h)
@@ -246,8 +285,9 @@ class Block(nn.Module):
                                                   query_at)
     if query_at is not None:  # keys and values come from every position, the rest from one
       x = jnp.take_along_axis(x, query_at[:, None, None], axis=1)  # (B, 1, C)
-    x = x + y
-    return x + MLP(cfg, ex, name="mlp")(layer_norm(cfg, ex, "ln2")(x), train, row_ids)
+    x = constrain(x + y, ex, ("batch", "length", None))
+    x = x + MLP(cfg, ex, name="mlp")(layer_norm(cfg, ex, "ln2")(x), train, row_ids)
+    return constrain(x, ex, ("batch", "length", None))
 
 
 class Transformer(nn.Module):
@@ -274,7 +314,10 @@ class Transformer(nn.Module):
 
     embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=ex.cdtype, param_dtype=ex.pdtype,
                      embedding_init=with_axes(_init, ("vocab", "embed")), name="embed")
-    x = embed(tokens)  # (B, T, C)
+    # The lookup of nn.Embed, from a table whole on every device (FSDP gathers it, as the tied
+    # head needs it too): a lookup into a table split over channels would come out split over
+    # channels and cost an all-to-all to reach the rows' layout, and another one back.
+    x = jnp.take(constrain(embed.embedding.astype(ex.cdtype), ex, (None, None)), tokens, axis=0)  # (B, T, C)
     if cfg.pos_encoding == "learned":
       pos = self.param("pos_embed", with_axes(_init, (None, "embed")), (cfg.max_len, cfg.embed_dim),
                        ex.pdtype)
@@ -284,7 +327,8 @@ class Transformer(nn.Module):
     # rope rotates q and k inside attention instead.
     x = Dropout(ex.dropout)(x, train, row_ids)
 
-    block = nn.remat(Block, static_argnums=(2,)) if ex.remat else Block
+    x = constrain(x, ex, ("batch", "length", None))
+    block = Block if ex.remat == "none" else nn.remat(Block, static_argnums=(2,), policy=REMAT[ex.remat])
     for i in range(cfg.num_layers):
       last = i == cfg.num_layers - 1
       x = block(cfg, ex, name=f"block_{i}")(x, train, row_ids, at if last else None)
@@ -297,7 +341,7 @@ class Transformer(nn.Module):
       logits = embed.attend(x)  # (B, T, V): the same stored matrix as the input embedding
     else:  # attend's matmul, in the dense layers' mixed precision
       logits = ex.dot_general(x, embed.embedding.T.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
-    logits = logits.astype(jnp.float32)
+    logits = constrain(logits.astype(jnp.float32), ex, ("batch", "length", "vocab"))
     return logits if at is None else logits[:, 0]
 
 

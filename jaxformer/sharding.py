@@ -2,7 +2,9 @@
 
 Mesh axes: `data` (replicas), `fsdp` (batch split + parameters sharded),
 `tensor` (heads, MLP width and vocabulary split). Logical axis names from
-`model.py` map to mesh axes by RULES, the one place that decides layouts.
+`model.py` map to mesh axes by RULES, the one place that decides layouts: of the
+parameters, and (inside the train step) of the activations, whose channels stay
+whole on every device.
 """
 
 import os
@@ -20,6 +22,7 @@ BATCH_AXES = ("data", "fsdp")
 
 RULES = (
     ("batch", BATCH_AXES),
+    ("length", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

@@ -73,7 +73,16 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, micro_bat
                          rngs={"dropout": dropout_key})
     return cross_entropy(logits, micro)[0]
 
-  grad_fn = jax.value_and_grad(loss_fn)
+  mesh = model.ex.mesh
+  # Gradients in their parameters' layout: under FSDP each device keeps (reduce-scatters) its
+  # shard of the summed gradient rather than all of it (an all-reduce).
+  layout = (lambda g: g) if mesh is None else functools.partial(
+      jax.lax.with_sharding_constraint, shardings=sharding.param_shardings(model.cfg, mesh))
+
+  def grad_fn(params, micro):
+    loss, grads = jax.value_and_grad(loss_fn)(params, micro)
+    return loss, layout(grads)
+
   B = batch["inputs"].shape[0]
   batch = dict(batch, row_ids=jnp.arange(B, dtype=jnp.int32))
   if M == 1:
@@ -90,8 +99,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, micro_bat
       return jax.tree_util.tree_map(lambda c, x: c + share * x, carry, (loss, grads)), None
 
     # Summed in float32 whatever the parameters' dtype, then cast back for the optimizer.
-    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32),
-                                                                  state.params))
+    zeros = (jnp.zeros((), jnp.float32), layout(jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                                                                         state.params)))
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micros, shares))
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
@@ -143,7 +152,7 @@ def micro_batches(config, mesh) -> int:
           f"train.micro_batch_size ({rows}) must be a multiple of the data x fsdp mesh axes ({split}); "
           f"use a multiple of {split}.")
     return B // rows
-  rows = 4 * split if jax.default_backend() == "cpu" else B
+  rows = 4 * split if mesh.devices.flat[0].platform == "cpu" else B
   M = max(1, B // rows)
   while B % M or (B // M) % split:
     M -= 1
@@ -175,7 +184,12 @@ def init_state(model, tx, shardings, seed: int) -> TrainState:
 
 
 def compile_steps(model, tx, schedule, shardings, mesh, micro: int):
-  """The jit'd train step (state donated) and eval step, with their shardings."""
+  """The jit'd train step (state donated) and eval step, with their shardings.
+
+  Inside them the model knows the mesh: activations keep the layouts of sharding.RULES
+  and per-device kernels run per device.
+  """
+  model = model.clone(ex=dataclasses.replace(model.ex, mesh=mesh, rules=sharding.RULES))
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, micro_batches=micro),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
@@ -200,15 +214,15 @@ def agree_across_processes(value: str, what: str, fix: str) -> None:
     raise ConfigError(f"{what} differs between the {jax.process_count()} processes; {fix}")
 
 
-def model_for(config, tokenizer) -> model_lib.Transformer:
-  """The model of `config`, V resolved from the tokenizer (padded) and checked against it."""
+def model_for(config, tokenizer, platform: str | None = None) -> model_lib.Transformer:
+  """The model of `config` for `platform` (default: JAX's), V resolved from the tokenizer (padded)."""
   real_vocab = tokenizer_lib.vocab_size(tokenizer)
   V = config.model.vocab_size or config_lib.padded_vocab_size(real_vocab, config.model.vocab_multiple)
   if V < real_vocab:
     raise ConfigError(
         f"model.vocab_size ({V}) is smaller than the tokenizer's vocabulary ({real_vocab}); "
         "set model.vocab_size=0 to take it from the tokenizer.")
-  return model_lib.Transformer(config_lib.model_config(config, V), config_lib.execution(config))
+  return model_lib.Transformer(config_lib.model_config(config, V), config_lib.execution(config, platform))
 
 
 def _prepare_init_from(config, workdir: str) -> None:

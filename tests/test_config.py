@@ -51,8 +51,8 @@ def test_a_config_json_from_before_the_compute_section_still_loads(tmp_path):
   path = tmp_path / "config.json"
   path.write_text(json.dumps(old))
   c = config_lib.load_config_json(str(path))
-  assert (c.compute.kernels, c.compute.dtype, c.compute.remat) == ("reference", "bfloat16", True)
-  assert compute["kernels"] == "cpu" and c.compute.matmul_dtype == ""
+  assert (c.compute.kernels, c.compute.dtype, c.compute.remat) == ("reference", "bfloat16", "full")
+  assert compute["kernels"] == "auto" and c.compute.matmul_dtype == ""
   # grad_accum micro-batches of batch_size rows: now batch_size is the step's rows.
   assert (c.train.batch_size, c.train.micro_batch_size) == (32, 16)
   config_lib.validate(c)

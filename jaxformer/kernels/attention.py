@@ -12,6 +12,7 @@ weighted sum over the full (B, H, T, T)) when `Execution.kernels` asks for it:
          work at T=256 and never stores a (B, H, T, T) array.
   xla:   `jax.nn.dot_product_attention` with XLA's own kernel.
   cudnn: the same call with cuDNN's flash attention (GPU, bfloat16/float16).
+  splash: the Pallas splash attention kernel (TPU), per device under shard_map.
 
 `ATTENTION` maps those names to functions of the fused projection
 qkv (B, T, 3, H, D) -> (B, T, H, D). All match plain attention (without dropout)
@@ -259,6 +260,69 @@ def _split_rotated(qkv, rope_base):
   return q, k, v
 
 
+# Splash's query/key block: 512 (as MaxText on v5e/v5p) or the largest of 256, 128 that divides T.
+SPLASH_BLOCKS = (512, 256, 128)
+
+
+def splash_attention(qkv, *, window: int, rope_base: Optional[float], operand_dtype=None, mesh=None,
+                     spec=None):
+  """The Pallas splash attention kernel (TPU): causal or sliding-window, masked blocks never computed.
+
+  A Pallas kernel sees one device's data, so under a `mesh` it runs inside shard_map,
+  each of q, k, v (B, T, H, D) split as `spec` says: the activations' own layout, rows
+  over the batch axes and heads over tensor, so no data moves. Off TPU it runs in
+  Pallas's interpreter (slow; for tests).
+  """
+  del operand_dtype
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+  T = qkv.shape[1]
+  if T % SPLASH_BLOCKS[-1]:
+    # The kernel's blocks are multiples of 128 positions; other lengths (the decode loop's
+    # short windows) take XLA's attention.
+    return xla_attention(qkv, window=window, rope_base=rope_base)
+  q, k, v = _split_rotated(qkv, rope_base)  # each (B, T, H, D)
+  D = q.shape[-1]
+  q = q * jnp.asarray(1.0 / math.sqrt(D), q.dtype)  # splash does not scale the scores
+  block = next((b for b in SPLASH_BLOCKS if T % b == 0), T)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+
+  def local(q, k, v):  # one device's (b, T, h, D)
+    h = q.shape[2]
+    mask = (masks.CausalMask((T, T)) if window == 0
+            else masks.LocalMask((T, T), window_size=(window - 1, 0), offset=0))
+    # Its residuals carry the model's name for the attention output, so a remat policy that
+    # saves "attention_out" also spares the kernel's forward pass.
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([mask] * h), head_shards=1, q_seq_shards=1,
+                                    block_sizes=sizes, residual_checkpoint_name="attention_out",
+                                    interpret=platform != "tpu")
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # (b, h, T, D), the kernel's layout
+    return heads_major(jax.vmap(kernel)(heads_major(q), heads_major(k), heads_major(v)))
+
+  if mesh is None:
+    return local(q, k, v)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def splash_flops(B: int, T: int, H: int, D: int, window: int = 0) -> float:
+  """The matmul FLOPs one splash_attention call's forward and backward pass compute.
+
+  XLA's cost analysis cannot see inside a Pallas kernel, so `compile.py` adds this
+  count: the (query block, key block) pairs the mask leaves non-empty, each with 2
+  matmuls forward and 7 backward (scores and probabilities again in both the dq and
+  the dk/dv kernels), 2·block²·D FLOPs each.
+  """
+  block = next((b for b in SPLASH_BLOCKS if T % b == 0), T)
+  n = T // block
+  mask = causal_mask(T, window)
+  live = sum(bool(mask[i * block:(i + 1) * block, j * block:(j + 1) * block].any())
+             for i in range(n) for j in range(n))
+  return live * 9 * 2.0 * block * block * D * B * H
+
+
 # Execution.kernels -> attention of the fused projection, qkv (B, T, 3, H, D) -> (B, T, H, D).
-# "reference" is the model's own plain_attention.
-ATTENTION = {"cpu": cpu_attention, "xla": xla_attention, "cudnn": cudnn_attention}
+# "reference" is the model's own plain_attention; only splash takes the mesh (it runs per device).
+ATTENTION = {"cpu": cpu_attention, "xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}

@@ -1,0 +1,255 @@
+"""Will it fit? The real train step compiled ahead of time for a TPU slice, on any host.
+
+`jax.experimental.topologies` gives the abstract devices of a slice ("v5e:4x4") from
+libtpu, without the chips; `jax.jit(...).lower(abstract args).compile()` is then the
+TPU compiler's own executable for that slice. Its memory and cost analyses are per
+device, and its HLO names every collective the step will run. From those and the
+chip's data sheet (`chips.py`) comes a roofline estimate of the step time.
+
+FLOP convention (the one MFU uses everywhere here): `metrics.flops_per_token`,
+6N + 12·L·T·C per token, causal attention counted as dense (as nanoGPT and PaLM
+do), recomputation (remat) not counted.
+"""
+
+import collections
+import dataclasses
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding
+
+from jaxformer import chips
+from jaxformer import config as config_lib
+from jaxformer import metrics as metrics_lib
+from jaxformer import model as model_lib
+from jaxformer import optim
+from jaxformer import sampling
+from jaxformer import sharding
+from jaxformer import train
+from jaxformer.config import ConfigError
+from jaxformer.kernels import attention as attention_kernels
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# The built-in stories corpus with the char tokenizer pads to 64 ids (as benchmark.py assumes).
+CHAR_VOCAB = 64
+# A fit leaves at least this fraction of HBM free: XLA's runtime and fragmentation need some.
+MIN_HEADROOM = 0.05
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+          "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+GiB = 2 ** 30
+
+
+def topology_devices(name: str) -> list:
+  """The abstract devices of TPU slice `name` ("v5e:2x2", "v5p:2x2x1"); needs libtpu, not a TPU."""
+  try:
+    import libtpu  # noqa: F401  (the TPU compiler; jax loads it itself)
+  except ImportError:
+    raise ConfigError("compiling for a TPU needs libtpu: pip install -e '.[tpu]' (about 140 MB).") from None
+  from jax.experimental import topologies
+  # libtpu guards a real TPU with a lock file, one process at a time; compiling needs no TPU,
+  # so several processes on one host (test workers, a sweep's pre-flights) may load it at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+  except Exception as err:  # libtpu's own message says which part it could not parse
+    raise ConfigError(f"--topology={name!r} is not a TPU slice libtpu knows ({str(err).splitlines()[0]}); "
+                      "use e.g. v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x1 or v6e:2x2.") from None
+
+
+def vocab_size(config) -> int:
+  """V without building the data: the config's, else the stories char vocabulary or the BPE size, padded."""
+  if config.model.vocab_size:
+    return int(config.model.vocab_size)
+  real = int(config.data.bpe_vocab_size) if config.data.tokenizer == "bpe" else CHAR_VOCAB
+  return config_lib.padded_vocab_size(real, config.model.vocab_multiple)
+
+
+def _bytes_per_device(abstract_tree, sharding_tree) -> int:
+  leaves = jax.tree_util.tree_leaves(abstract_tree)
+  shards = jax.tree_util.tree_leaves(sharding_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+  return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x, s in zip(leaves, shards))
+
+
+def collectives(hlo: str) -> dict:
+  """{kind: {"count": n, "bytes": result bytes per device}} of the collectives in compiled HLO text.
+
+  Asynchronous pairs (`all-gather-start`/`-done`) count once, by their start.
+  """
+  found = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+  op = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+  for line in hlo.splitlines():
+    m = op.search(line)
+    if not m:
+      continue
+    shapes = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))
+    sizes = [math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(t, 4) for t, dims in shapes]
+    kind = found[m.group(2)]
+    kind["count"] += 1
+    # A start's result holds its operand and its result: the larger is what moves.
+    kind["bytes"] += max(sizes) if m.group(3) else sum(sizes)
+  return dict(found)
+
+
+def attention_kernel_flops(model, B_local: int, T: int, tensor: int) -> float:
+  """FLOPs of the splash kernel per device per step (invisible to XLA's cost analysis), else 0."""
+  ex, cfg = model.ex, model.cfg
+  if ex.kernels != "splash" or T % attention_kernels.SPLASH_BLOCKS[-1]:
+    return 0.0
+  per_layer = attention_kernels.splash_flops(B_local, T, cfg.num_heads // tensor, cfg.head_dim, cfg.sliding_window)
+  if ex.remat in ("full", "dots_saveable"):  # the forward pass (2 of its 9 matmuls) runs again
+    per_layer *= 11 / 9
+  return cfg.num_layers * per_layer
+
+
+def compile_train_step(config, devices) -> dict:
+  """Compiles the train step of `config` for `devices` (abstract or real); one dict of figures."""
+  config_lib.validate(config)
+  t = config.train
+  platform = devices[0].platform
+  model = model_lib.Transformer(config_lib.model_config(config, vocab_size(config)),
+                                config_lib.execution(config, platform))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_mesh(model.cfg, mesh, t.batch_size)
+  micro = train.micro_batches(config, mesh)
+  tx = optim.make_optimizer(config.optim, t.steps)
+  abstract, shardings = train.state_shardings(model.cfg, tx, mesh, model.ex.param_dtype)
+  step_fn, _ = train.compile_steps(model, tx, optim.schedule(config.optim, t.steps), shardings, mesh, micro)
+  state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  B, T = t.batch_size, t.seq_len
+  batch = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding),
+           "targets": jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding),
+           "weights": jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=batch_sharding)}
+  rows = B // (mesh.shape["data"] * mesh.shape["fsdp"])
+  memory = {"params": _bytes_per_device(abstract.params, shardings.params),
+            "optimizer_state": _bytes_per_device(abstract.opt_state, shardings.opt_state),
+            "batch": 3 * rows * T * 4}
+  out = {"model": model, "mesh": dict(mesh.shape), "micro_batches": micro, "memory": memory, "compiled": None}
+  try:
+    compiled = step_fn.lower(state, batch).compile()
+  except jax.errors.JaxRuntimeError as err:
+    # The TPU compiler refuses a program whose buffers exceed HBM and says by how much.
+    over = re.search(r"temporaries \(([\d.]+)([KMG])\) exceeds available HBM", str(err))
+    if over is None:
+      raise
+    memory["temporaries"] = float(over.group(1)) * 1024 ** " KMG".index(over.group(2))
+    memory["total"] = sum(memory.values())
+    return out
+  mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory.update(temporaries=mem.temp_size_in_bytes,
+                outputs_not_aliased=mem.output_size_in_bytes - mem.alias_size_in_bytes,
+                generated_code=mem.generated_code_size_in_bytes)
+  # Arguments (state and batch) live through the step; the donated state's outputs reuse them.
+  memory["total"] = (mem.argument_size_in_bytes + memory["outputs_not_aliased"] + memory["temporaries"]
+                     + memory["generated_code"])
+  # XLA's cost analysis counts a loop body once: the step's M micro-batches run in a scan,
+  # so its count is scaled by M (the optimizer update outside the loop, well under 0.1%
+  # of a step's FLOPs, is then over-counted).
+  xla_flops = float(cost.get("flops", 0.0))
+  kernel = attention_kernel_flops(model, rows // micro, T, mesh.shape["tensor"]) * micro
+  out.update(
+      compiled=compiled,
+      flops={"xla_cost_analysis": xla_flops, "micro_batch_scan_factor": micro, "attention_kernel": kernel,
+             "compiled_total": xla_flops * micro + kernel,
+             "closed_form": metrics_lib.flops_per_token(model.cfg, T) * B * T / len(devices)},
+      bytes_accessed=float(cost.get("bytes accessed", 0.0)) * micro,
+      collectives=collectives(compiled.as_text()))
+  return out
+
+
+def compile_decode(config, devices, batch_size: int = 8, new_tokens: int = 64) -> dict:
+  """Compiles the sampling loop for `devices`: parameters replicated, rows split over the chips."""
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices)
+  # The mesh goes into the model so its kernels know the platform they are compiled for.
+  model = model_lib.Transformer(config_lib.model_config(config, vocab_size(config)),
+                                config_lib.execution(config, devices[0].platform, mesh))
+  model = model.clone(ex=dataclasses.replace(model.ex, rules=sharding.RULES))
+  repl = sharding.replicated(mesh)
+  params = jax.eval_shape(lambda: model_lib.init_params(model.cfg, jax.random.key(0), model.ex))
+  L = min(config_lib.round_up(1 + new_tokens, sampling.BUFFER_MULTIPLE), model.cfg.max_len)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=repl)
+  keys = jax.eval_shape(lambda: sampling.row_keys(0, batch_size))
+  args = (jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype), params), model,
+          spec((batch_size, L), jnp.int32), spec((batch_size,), jnp.int32), spec(keys.shape, keys.dtype),
+          spec((), jnp.int32), spec((batch_size,), jnp.float32), spec((batch_size,), jnp.int32),
+          spec((batch_size,), jnp.float32), spec((), jnp.int32), spec((), jnp.int32))
+  compiled = sampling._generate.lower(*args).compile()
+  mem = compiled.memory_analysis()
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  return {"batch_size": batch_size, "buffer_len": L, "bytes_per_device": total}
+
+
+def roofline(result: dict, chip: chips.Chip, batch_size: int, seq_len: int) -> dict:
+  """Step time bounds from the chip's peak FLOP/s, HBM and link bandwidths; tokens/s and MFU from them.
+
+  compute: compiled FLOPs / peak. memory: bytes the compiled step reads and writes / HBM
+  bandwidth. network: each collective's result bytes over one direction of the chip's
+  links (all-reduce twice: reduce-scatter then all-gather). With perfect overlap the step
+  takes the largest of the three; with none, their sum. Real steps land between.
+  """
+  flops = result["flops"]["compiled_total"]
+  net_bytes = sum(v["bytes"] * (2 if k == "all-reduce" else 1) for k, v in result["collectives"].items())
+  times = {"compute_s": flops / chip.bf16_flops, "memory_s": result["bytes_accessed"] / chip.hbm_bandwidth,
+           "network_s": net_bytes / (chip.link_bandwidth / 2)}
+  step = max(times.values())
+  return {**times, "bound": max(times, key=times.get)[:-2], "step_s_overlapped": step,
+          "step_s_serial": sum(times.values()), "tokens_per_s": batch_size * seq_len / step,
+          "mfu": result["flops"]["closed_form"] / (step * chip.bf16_flops)}
+
+
+def advice(memory: dict, hbm: float, config) -> str:
+  """One sentence: what does not fit, its largest term, and the knob that shrinks it."""
+  terms = {k: v for k, v in memory.items() if k in ("params", "optimizer_state", "temporaries", "batch")}
+  largest = max(terms, key=terms.get)
+  knob = {
+      "params": f"shard the parameters over more chips (raise mesh.fsdp, now {config.mesh.fsdp})",
+      "optimizer_state": f"shard the optimizer state over more chips (raise mesh.fsdp, now {config.mesh.fsdp})",
+      "temporaries": (f"keep fewer activations: set compute.remat=full (now {config.compute.remat}) or a smaller "
+                      f"train.micro_batch_size (now {config.train.micro_batch_size or 'auto: the whole batch'})"),
+      "batch": "lower train.batch_size or spread it over more chips (mesh.data, mesh.fsdp)",
+  }[largest]
+  return (f"does not fit: {memory['total'] / GiB:.2f} GiB per chip needed, {hbm / GiB:.2f} GiB of HBM "
+          f"(keeping {MIN_HEADROOM:.0%} free); the largest term is {largest.replace('_', ' ')} "
+          f"({terms[largest] / GiB:.2f} GiB): {knob}.")
+
+
+def report(config, topology: str, decode: bool = True) -> dict:
+  """The JSON-able pre-flight report of `config` on TPU slice `topology`."""
+  devices = topology_devices(topology)
+  chip = chips.find(devices[0].device_kind)
+  result = compile_train_step(config, devices)
+  model, memory, t = result["model"], result["memory"], config.train
+  usable = chip.hbm_bytes * (1 - MIN_HEADROOM)
+  fits = result["compiled"] is not None and memory["total"] <= usable
+  out = {
+      "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
+      "chip": {"name": chip.name, "bf16_flops": chip.bf16_flops, "hbm_gib": chip.hbm_bytes / GiB,
+               "hbm_bandwidth": chip.hbm_bandwidth, "link_bandwidth": chip.link_bandwidth, "source": chip.source},
+      "mesh": result["mesh"], "micro_batches": result["micro_batches"],
+      "batch_size": t.batch_size, "seq_len": t.seq_len, "params": metrics_lib.num_params(model.cfg),
+      "execution": {"kernels": model.ex.kernels, "dtype": model.ex.dtype, "param_dtype": model.ex.param_dtype,
+                    "remat": model.ex.remat},
+      "memory_gib_per_device": {k: v / GiB for k, v in memory.items()},
+      "fits": fits, "headroom": 1 - memory["total"] / chip.hbm_bytes,
+  }
+  if not fits:
+    out["advice"] = advice(memory, usable, config)
+    return out
+  flops = result["flops"]
+  out.update({
+      "flops_per_device": {**flops, "compiled_over_closed_form": flops["compiled_total"] / flops["closed_form"]},
+      "flop_convention": ("closed_form = (6N + 12*L*T*C) per token (causal attention counted dense, remat not "
+                          "counted); attention_kernel = the splash kernel's own count of the blocks it computes "
+                          "(XLA's cost analysis cannot see inside a Pallas kernel)"),
+      "collectives": result["collectives"],
+      "roofline": roofline(result, chip, t.batch_size, t.seq_len),
+  })
+  if decode:
+    out["decode"] = compile_decode(config, devices)
+  return out

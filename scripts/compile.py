@@ -1,0 +1,42 @@
+"""Will it fit? Compiles a config's train step (and sampling loop) for a TPU slice on this host.
+
+python scripts/compile.py --config=configs/gpt2.py --topology=v5e:2x2 \
+    --config.train.batch_size=256 --config.mesh.data=1 --config.mesh.fsdp=4
+
+No TPU needed: libtpu (pip install -e '.[tpu]') compiles for the slice's abstract
+devices. Prints one JSON object: memory per chip from the compiled executable and
+whether it fits, FLOPs (compiled vs closed form), collectives by kind, and a roofline
+estimate of step time, tokens/s and MFU; see jaxformer/aot.py.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only compiles; no TPU backend is started
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxformer import aot, cli  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "gpt2.py"),
+    "A config file with get_config().", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "The TPU slice, as libtpu names it: v5e:4x4, v5p:2x2x1, ...")
+_DECODE = flags.DEFINE_bool("decode", True, "Also compile the sampling loop (8 rows, replicated parameters).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  result = aot.report(_CONFIG.value, _TOPOLOGY.value, decode=_DECODE.value)
+  result["config"] = flags.FLAGS["config"].config_filename
+  print(json.dumps(result, indent=2), flush=True)
+  if not result["fits"]:
+    print(result["advice"], file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: cli.run(main, argv))

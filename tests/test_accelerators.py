@@ -1,0 +1,149 @@
+"""Accelerator paths on the CPU: per-platform defaults, the splash kernel (in Pallas's interpreter),
+remat policies, and the real train step compiled for TPU slices through libtpu (no TPU needed).
+"""
+
+import importlib
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxformer import aot
+from jaxformer import config as config_lib
+from jaxformer import model as M
+from jaxformer.kernels import attention
+
+import multihost
+
+
+def preset(name: str, **overrides):
+  return config_lib.apply_overrides(importlib.import_module(f"configs.{name}").get_config(), overrides)
+
+
+@pytest.mark.parametrize("platform,kernels,dtype", [
+    ("cpu", "cpu", "float32"), ("gpu", "cudnn", "bfloat16"), ("tpu", "splash", "bfloat16")])
+def test_auto_picks_each_platforms_fast_path(platform, kernels, dtype):
+  ex = config_lib.execution(preset("gpt2"), platform)
+  assert (ex.kernels, ex.dtype, ex.param_dtype) == (kernels, dtype, "float32")
+  # Explicit values win; cuDNN takes 16-bit inputs only, so auto on a float32 GPU run is XLA's kernel.
+  assert config_lib.execution(preset("gpt2", **{"compute.kernels": "xla"}), platform).kernels == "xla"
+  assert config_lib.execution(preset("gpt2", **{"compute.dtype": "float32"}), "gpu").kernels == "xla"
+
+
+def test_old_run_folders_remat_flag_becomes_a_policy(tmp_path):
+  c = preset("tiny")
+  values = json.loads(c.to_json())
+  values["compute"]["remat"] = True  # as config.json files before remat took a policy
+  (tmp_path / "config.json").write_text(json.dumps(values))
+  assert config_lib.load_config_json(str(tmp_path / "config.json")).compute.remat == "full"
+  with pytest.raises(config_lib.ConfigError, match="compute.remat must be one of none, full"):
+    config_lib.validate(preset("tiny", **{"compute.remat": "everything"}))
+
+
+@pytest.mark.parametrize("window", [0, 48])
+def test_splash_kernel_matches_plain_attention(window):
+  """The TPU kernel itself, run by Pallas's interpreter: outputs and gradients, causal and windowed."""
+  B, T, H, D = 2, 384, 2, 32  # three 128-position blocks: the kernel skips the masked ones
+  qkv, g = (jax.random.normal(k, s) for k, s in zip(jax.random.split(jax.random.key(0)),
+                                                     [(B, T, 3, H, D), (B, T, H, D)]))
+  ours = lambda qkv: attention.splash_attention(qkv, window=window, rope_base=10000.0)
+  ref = lambda qkv: M.plain_attention(*attention._split_rotated(qkv, 10000.0), window=window)[0]
+  np.testing.assert_allclose(jax.jit(ours)(qkv), ref(qkv), rtol=2e-5, atol=2e-5)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * g))(qkv)
+  np.testing.assert_allclose(jax.jit(lambda: grad(ours))(), grad(ref), rtol=1e-4, atol=1e-4)
+  # Its own FLOP count: 6 of 9 (query, key) block pairs are causal; a 48-wide window leaves the 3
+  # diagonal ones and the 2 it reaches back into.
+  pairs = 6 if window == 0 else 5
+  assert attention.splash_flops(B, T, H, D, window) == pairs * 9 * 2 * 128 * 128 * D * B * H
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "save_attention_out", "save_qkv_attention_out"])
+def test_remat_policies_give_the_same_gradients(policy):
+  c = config_lib.base_config()
+  c.model.update(vocab_size=64, num_layers=2, num_heads=4, embed_dim=32, max_len=32)
+  cfg = config_lib.model_config(c)
+  params = M.init_params(cfg, jax.random.key(0))
+  x = jax.random.randint(jax.random.key(1), (2, 32), 0, 64)
+
+  def grads(ex):
+    grad = jax.grad(lambda p: jnp.mean(M.Transformer(cfg, ex).apply({"params": p}, x) ** 2))
+    return jax.jit(grad)(params), str(jax.make_jaxpr(grad)(params))
+
+  ref, plain = grads(M.Execution(kernels="cpu"))
+  got, program = grads(M.Execution(kernels="cpu", remat=policy))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, ref)
+  # The policy is in the program (its name, or its saved names), not dropped on the way.
+  marker = getattr(M.REMAT[policy], "__name__", None) or repr(M.REMAT[policy])
+  assert marker in program and "policy=" not in plain, marker
+
+
+# ------------------------------------------------------------------- compiled for TPU slices
+
+
+@pytest.fixture(scope="module")
+def gpt2_on_v5e():
+  """GPT-2 small (124M, T=1024) at a global batch of 256 on 4 v5e chips, fully sharded (FSDP)."""
+  c = preset("gpt2", **{"train.batch_size": 256, "train.micro_batch_size": 64,
+                        "mesh.data": 1, "mesh.fsdp": 4})
+  return aot.report(c, "v5e:2x2", decode=False)
+
+
+def test_gpt2_fits_four_v5e_chips_with_splash_and_its_flops_match_the_closed_form(gpt2_on_v5e):
+  r = gpt2_on_v5e
+  assert r["device_kind"] == "TPU v5 lite" and r["chip"]["name"] == "TPU v5e" and r["devices"] == 4
+  assert r["execution"] == {"kernels": "splash", "dtype": "bfloat16", "param_dtype": "float32", "remat": "none"}
+  assert r["fits"] and r["headroom"] >= 0.10, r["memory_gib_per_device"]
+  mem = r["memory_gib_per_device"]
+  # Parameters and AdamW's two moments, float32, a quarter each on 4 chips (the biases and
+  # LayerNorm vectors, 0.2% of them, whole on every chip).
+  assert mem["params"] == pytest.approx(124_439_808 * 4 / 4 / 2 ** 30, rel=3e-3)
+  assert mem["optimizer_state"] == pytest.approx(2 * mem["params"], rel=1e-3)
+  f = r["flops_per_device"]
+  assert f["attention_kernel"] > 0  # the kernel's own count, added to what XLA sees
+  assert 0.95 <= f["compiled_over_closed_form"] <= 1.05, f
+  assert 0 < r["roofline"]["mfu"] <= 1 and r["roofline"]["step_s_overlapped"] > 0
+
+
+def test_gpt2_fsdp_step_moves_parameters_and_gradients_the_fsdp_way(gpt2_on_v5e):
+  found = gpt2_on_v5e["collectives"]
+  # The activations stay in their rows' layout: nothing is transposed between devices.
+  assert "all-to-all" not in found, found
+  # FSDP gathers each layer's weights before use (forward, and again for the backward
+  # pass) and reduce-scatters each weight's gradient: per block 4 matrices (qkv, proj,
+  # fc, mlp proj), plus the embedding table (tied head) and the position table.
+  gathers = found["all-gather"]["count"]
+  assert 12 * 4 <= gathers, found
+  assert found.get("reduce-scatter", {"count": 0})["count"] + found.get("all-reduce", {"count": 0})["count"] > 0
+
+
+def test_large_preset_fits_v5p_with_fsdp_tensor_and_remat():
+  c = preset("large", **{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2, "compute.remat": "save_attention_out",
+                         "train.batch_size": 64})
+  r = aot.report(c, "v5p:2x2x1", decode=False)
+  assert r["chip"]["name"] == "TPU v5p" and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  assert r["fits"] and r["execution"]["remat"] == "save_attention_out", r
+
+
+def test_a_config_that_does_not_fit_gets_one_sentence_naming_the_term_and_the_knob():
+  c = preset("gpt2", **{"train.batch_size": 256, "mesh.data": 1, "mesh.fsdp": 4, "model.num_layers": 2})
+  r = aot.report(c, "v5e:2x2", decode=False)
+  assert not r["fits"]
+  assert r["advice"].startswith("does not fit: ")
+  assert "the largest term is temporaries" in r["advice"] and "compute.remat=full" in r["advice"], r["advice"]
+
+
+def test_compile_script_prints_json_and_refuses_unknown_topologies():
+  args = ["--config=configs/tiny.py", "--topology=v5e:2x2", "--config.mesh.data=4"]
+  out = subprocess.run(multihost.script("compile.py", *args), capture_output=True, text=True, timeout=600,
+                       cwd=multihost.ROOT, env=multihost.env())
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout)
+  assert r["fits"] and r["decode"]["bytes_per_device"] > 0 and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  bad = subprocess.run(multihost.script("compile.py", "--topology=v9z:1x1"), capture_output=True, text=True,
+                       timeout=300, cwd=multihost.ROOT, env=multihost.env())
+  assert bad.returncode == 1 and "is not a TPU slice libtpu knows" in bad.stderr.splitlines()[-1]
