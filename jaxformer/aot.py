@@ -190,11 +190,13 @@ def roofline(result: dict, chip: chips.Chip, batch_size: int, seq_len: int) -> d
 
   compute: compiled FLOPs / peak. memory: bytes the compiled step reads and writes / HBM
   bandwidth. network: each collective's result bytes over one direction of the chip's
-  links (all-reduce twice: reduce-scatter then all-gather). With perfect overlap the step
+  links (all-reduce twice: reduce-scatter then all-gather), per micro-batch. With perfect overlap the step
   takes the largest of the three; with none, their sum. Real steps land between.
   """
   flops = result["flops"]["compiled_total"]
-  net_bytes = sum(v["bytes"] * (2 if k == "all-reduce" else 1) for k, v in result["collectives"].items())
+  # The collectives in the micro-batch scan's body run once per micro-batch (counted once in the HLO).
+  net_bytes = result["micro_batches"] * sum(v["bytes"] * (2 if k == "all-reduce" else 1)
+                                            for k, v in result["collectives"].items())
   times = {"compute_s": flops / chip.bf16_flops, "memory_s": result["bytes_accessed"] / chip.hbm_bandwidth,
            "network_s": net_bytes / (chip.link_bandwidth / 2)}
   step = max(times.values())
