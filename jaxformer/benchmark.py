@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformer import aot
+from jaxformer import chips
 from jaxformer import config as config_lib
 from jaxformer import metrics as metrics_lib
 from jaxformer import model as model_lib
@@ -66,6 +68,8 @@ def benchmark_train(config, *, steps: int = 10, warmup: int = 2, repeats: int = 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   log(f"train step compiled in {compile_s:.1f} s")
   t0 = time.perf_counter()
   state, metrics = compiled(state, batch)
@@ -104,6 +108,10 @@ def benchmark_train(config, *, steps: int = 10, warmup: int = 2, repeats: int = 
       "tokens_per_s": B * T / step_s,
       "final_loss": loss,
       "_model": model,
+      # For the roofline check: the compiled step's own counts per device (a scan's body counted once).
+      "_cost": {"micro_batches": micro, "flops": float(cost.get("flops", 0.0)),
+                "bytes": float(cost.get("bytes accessed", 0.0)),
+                "closed_form": metrics_lib.flops_per_token(model_cfg, T) * B * T / jax.device_count()},
   }
 
 
@@ -118,7 +126,7 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, gen
          "num_devices": jax.device_count(), "jax": jax.__version__,
          "python": platform.python_version()}
   tr = benchmark_train(config, steps=steps, warmup=warmup, repeats=repeats, log=log)
-  model = tr.pop("_model")
+  model, cost = tr.pop("_model"), tr.pop("_cost")
   out.update(tr)
   # Taken before the peak matmul and generation allocate: the training process's own peak.
   out["peak_rss_train_mb"] = peak_rss_mb()
@@ -128,6 +136,7 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, gen
               "mfu": metrics_lib.mfu(tr["tokens_per_s"], tr["flops_per_token"], peak,
                                      jax.device_count())})
   log(f"train: {tr['tokens_per_s']:.0f} tokens/s, MFU {out['mfu']:.1%} of {out['peak_flops_all_devices'] / 1e9:.0f} GFLOP/s")
+  out["roofline"] = roofline_check(cost, peak, out["step_ms_median"] / 1e3, tr["batch_size"], tr["seq_len"])
   if generate:
     gen, cpu = {}, device.platform == "cpu"
     for gb in gen_batch_sizes:
@@ -147,6 +156,26 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, gen
   out["peak_rss_mb"] = peak_rss_mb()
   out["load_avg_1m"] = _load_average()
   return out
+
+
+def roofline_check(cost: dict, peak: float, measured_step_s: float, B: int, T: int) -> dict:
+  """The roofline estimate scripts/compile.py makes for a TPU, made here for this device and set
+  against the step just measured: how far the estimate is from a real step.
+
+  The device's peak is the one MFU uses (measured on a CPU); its memory bandwidth is
+  measured the same way (a large array read and written), shared like the peak.
+  """
+  share = jax.local_device_count() if jax.devices()[0].platform == "cpu" else 1
+  device = chips.Chip("this device (measured)", (), peak, 0.0, metrics_lib.measure_memory_bandwidth() / share,
+                      1.0, "measured in this run")
+  result = {"flops": {"compiled_total": cost["flops"] * cost["micro_batches"], "closed_form": cost["closed_form"]},
+            "bytes_accessed": cost["bytes"] * cost["micro_batches"], "collectives": {},
+            "micro_batches": cost["micro_batches"]}
+  estimate = aot.roofline(result, device, B, T)
+  return {**{k: estimate[k] for k in ("compute_s", "memory_s", "bound", "step_s_overlapped", "step_s_serial")},
+          "memory_bandwidth": device.hbm_bandwidth * share, "measured_step_s": measured_step_s,
+          "measured_over_overlapped": measured_step_s / estimate["step_s_overlapped"],
+          "measured_over_serial": measured_step_s / estimate["step_s_serial"]}
 
 
 def _load_average() -> Optional[float]:

@@ -36,6 +36,19 @@ def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> 
   return 2 * n ** 3 / min(times)
 
 
+def measure_memory_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
+  """Bytes/s the default device reads and writes: x + 1 over an n_bytes float32 array (best of `repeats`)."""
+  x = jnp.ones((n_bytes // 4,), jnp.float32)
+  f = jax.jit(lambda x: x + 1.0)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n_bytes / min(times)
+
+
 def peak_flops(device=None, matmul_n: int = 2048) -> tuple[float, str]:
   """(peak FLOP/s per device, where it came from): a data-sheet table, or measured on CPU.
 

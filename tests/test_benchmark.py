@@ -45,6 +45,12 @@ def test_benchmark_reports_every_figure():
     assert g["tokens_per_s"] > 0 and g["flops_per_token"] == gen["B1"]["flops_per_token"]
     assert g["mfu"] == pytest.approx(g["tokens_per_s"] * g["flops_per_token"] / out["peak_flops_all_devices"])
   assert gen["max_speedup_over_B1"] == 1 / gen["B1"]["mfu"]
+  # The roofline estimate of this device against the step it measured (compile.py's estimate, checked).
+  r = out["roofline"]
+  assert r["compute_s"] > 0 and r["memory_s"] > 0 and r["memory_bandwidth"] > 1e8
+  assert r["step_s_overlapped"] == max(r["compute_s"], r["memory_s"]) < r["step_s_serial"]
+  assert r["measured_step_s"] == out["step_ms_median"] / 1e3
+  assert r["measured_over_overlapped"] == r["measured_step_s"] / r["step_s_overlapped"] > 0
 
 
 def test_benchmark_without_generation():
