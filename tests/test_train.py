@@ -246,7 +246,7 @@ def test_fine_tuning_from_a_run(cache, tmp_path):
     ("mesh", "fsdp", 0, "mesh.fsdp must be positive"),
     ("optim", "warmup_steps", -1, "optim.warmup_steps must be >= 0"),
     ("train", "micro_batch_size", 5, r"train.micro_batch_size \(5\) must divide train.batch_size \(32\)"),
-    ("compute", "kernels", "flash", "compute.kernels must be one of cpu, reference, xla, cudnn"),
+    ("compute", "kernels", "flash", "compute.kernels must be one of auto, cpu, reference, xla, cudnn, splash"),
 ])
 def test_bad_config_values(section, key, value, message):
   c = config_lib.base_config()
