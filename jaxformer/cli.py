@@ -6,7 +6,11 @@ sampling, plot, usage) and a missing or unreadable path. Anything else is a bug 
 keeps its traceback.
 """
 
+import importlib.util
+import os
 import sys
+
+import jax
 
 from jaxformer.checkpoint import CheckpointError
 from jaxformer.config import ConfigError
@@ -25,8 +29,28 @@ CLEAR_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, Trainin
                 PlotError, UsageError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+def skip_absent_tpu() -> None:
+  """Keeps JAX on the CPU where libtpu is installed (the dev and tpu extras) but no TPU chip is.
+
+  JAX would otherwise probe for a TPU at start-up and print libtpu's warnings. Left
+  alone: a JAX_PLATFORMS the user set, a host with TPU chips, a host with a GPU plugin.
+  """
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  if importlib.util.find_spec("jax_plugins") is not None or importlib.util.find_spec("jax_cuda12_plugin"):
+    return
+  try:
+    from jax._src import hardware_utils  # JAX's own check for TPU chips on the PCI bus
+    chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+  except Exception:  # a JAX without it: let JAX decide
+    return
+  if chips == 0:
+    jax.config.update("jax_platforms", "cpu")
+
+
 def run(main, *args, **kwargs):
-  """Calls main; a CLEAR_ERRORS error prints as one line, no traceback."""
+  """Calls main (JAX kept off an absent TPU); a CLEAR_ERRORS error prints as one line, no traceback."""
+  skip_absent_tpu()
   try:
     return main(*args, **kwargs)
   except CLEAR_ERRORS as err:

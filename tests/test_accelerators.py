@@ -147,3 +147,14 @@ def test_compile_script_prints_json_and_refuses_unknown_topologies():
   bad = subprocess.run(multihost.script("compile.py", "--topology=v9z:1x1"), capture_output=True, text=True,
                        timeout=300, cwd=multihost.ROOT, env=multihost.env())
   assert bad.returncode == 1 and "is not a TPU slice libtpu knows" in bad.stderr.splitlines()[-1]
+
+
+def test_scripts_keep_jax_off_an_absent_tpu():
+  """With libtpu installed (as here) on a host without TPU chips, scripts start JAX on the CPU, quietly."""
+  code = ("from jaxformer import cli; cli.skip_absent_tpu(); import jax; "
+          "print(jax.config.jax_platforms, jax.default_backend())")
+  env = {k: v for k, v in multihost.env().items() if k != "JAX_PLATFORMS"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=multihost.ROOT, env=env)
+  assert out.returncode == 0 and out.stdout.split() == ["cpu", "cpu"], out.stderr[-2000:]
+  assert "libtpu" not in out.stderr and "TPU" not in out.stderr, out.stderr[-2000:]
