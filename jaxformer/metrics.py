@@ -25,28 +25,24 @@ def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> 
 
   The best of `repeats`, so that sharing the machine lowers MFU, never raises it.
   """
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / min(times)
+  return 2 * n ** 3 / _best_time(lambda x: x @ x, jnp.ones((n, n), dtype), repeats)
 
 
-def measure_memory_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
-  """Bytes/s the default device reads and writes: x + 1 over an n_bytes float32 array (best of `repeats`)."""
-  x = jnp.ones((n_bytes // 4,), jnp.float32)
-  f = jax.jit(lambda x: x + 1.0)
+def _best_time(fn, x, repeats: int) -> float:
+  """The fastest of `repeats` runs of jit(fn)(x), after one untimed run that compiles it."""
+  f = jax.jit(fn)
   f(x).block_until_ready()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     f(x).block_until_ready()
     times.append(time.perf_counter() - t0)
-  return 2 * n_bytes / min(times)
+  return min(times)
+
+
+def measure_memory_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
+  """Bytes/s the default device reads and writes: x + 1 over an n_bytes float32 array (best of `repeats`)."""
+  return 2 * n_bytes / _best_time(lambda x: x + 1.0, jnp.ones((n_bytes // 4,), jnp.float32), repeats)
 
 
 def peak_flops(device=None, matmul_n: int = 2048) -> tuple[float, str]:
