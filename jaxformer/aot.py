@@ -77,20 +77,35 @@ def _bytes_per_device(abstract_tree, sharding_tree) -> int:
 def collectives(hlo: str) -> dict:
   """{kind: {"count": n, "bytes": result bytes per device}} of the collectives in compiled HLO text.
 
-  Asynchronous pairs (`all-gather-start`/`-done`) count once, by their start.
+  Counted as the program issues them, by channel: the TPU compiler splits one collective
+  into pieces overlapped with compute (async collective fusions) that share its channel,
+  and writes a reduce-scatter as an all-reduce inside an `all-reduce-scatter` fusion.
   """
   found = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+  seen = {}  # (kind, channel) -> largest result bytes among its pieces
   op = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-  for line in hlo.splitlines():
+  computation = ""
+  for i, line in enumerate(hlo.splitlines()):
+    head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+    if head:
+      computation = head.group(1)
+      continue
     m = op.search(line)
     if not m:
       continue
     shapes = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))
     sizes = [math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(t, 4) for t, dims in shapes]
-    kind = found[m.group(2)]
-    kind["count"] += 1
     # A start's result holds its operand and its result: the larger is what moves.
-    kind["bytes"] += max(sizes) if m.group(3) else sum(sizes)
+    size = max(sizes) if m.group(3) else sum(sizes)
+    kind = m.group(2)
+    if kind == "all-reduce" and computation.startswith("all-reduce-scatter"):
+      kind = "reduce-scatter"
+    channel = re.search(r"channel_id=(\d+)", line)
+    key = (kind, channel.group(1) if channel else f"line {i}")
+    seen[key] = max(seen.get(key, 0), size)
+  for (kind, _), size in seen.items():
+    found[kind]["count"] += 1
+    found[kind]["bytes"] += size
   return dict(found)
 
 

@@ -314,10 +314,12 @@ class Transformer(nn.Module):
 
     embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=ex.cdtype, param_dtype=ex.pdtype,
                      embedding_init=with_axes(_init, ("vocab", "embed")), name="embed")
-    # The lookup of nn.Embed, from a table whole on every device (FSDP gathers it, as the tied
-    # head needs it too): a lookup into a table split over channels would come out split over
-    # channels and cost an all-to-all to reach the rows' layout, and another one back.
-    x = jnp.take(constrain(embed.embedding.astype(ex.cdtype), ex, (None, None)), tokens, axis=0)  # (B, T, C)
+    # The lookup of nn.Embed, from a table whole on every device (FSDP gathers it): a lookup
+    # into a table split over channels would come out split over channels and cost an
+    # all-to-all to reach the rows' layout, and another one back. The tied head uses the same
+    # gathered table: one gather per step, hoisted out of the micro-batch loop.
+    table = constrain(embed.embedding.astype(ex.cdtype), ex, (None, None))  # (V, C)
+    x = jnp.take(table, tokens, axis=0)  # (B, T, C)
     if cfg.pos_encoding == "learned":
       pos = self.param("pos_embed", with_axes(_init, (None, "embed")), (cfg.max_len, cfg.embed_dim),
                        ex.pdtype)
@@ -337,10 +339,8 @@ class Transformer(nn.Module):
     if not cfg.tie_embeddings:
       args = {**dense_args(cfg, ex, ("embed", "vocab")), "use_bias": False}
       logits = nn.Dense(cfg.vocab_size, **args, name="head")(x)  # (B, T, V)
-    elif ex.dot_general is lax.dot_general:
-      logits = embed.attend(x)  # (B, T, V): the same stored matrix as the input embedding
-    else:  # attend's matmul, in the dense layers' mixed precision
-      logits = ex.dot_general(x, embed.embedding.T.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    else:  # nn.Embed.attend's matmul, in the dense layers' precision
+      logits = ex.dot_general(x, table.T.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))  # (B, T, V)
     logits = constrain(logits.astype(jnp.float32), ex, ("batch", "length", "vocab"))
     return logits if at is None else logits[:, 0]
 
