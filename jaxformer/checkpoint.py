@@ -6,6 +6,11 @@ RNG), `data` (the batch stream's state) and `meta` (versions, tokenizer fingerpr
 """
 
 import logging
+import os
+import sys
+import tempfile
+import threading
+import traceback
 from typing import Any, Optional
 
 import jax
@@ -42,6 +47,12 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict, meta: d
   mgr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
       meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def complete_steps(directory: str) -> list[int]:
+  """The steps of the finished checkpoints in `directory` (a save cut short leaves a *-tmp folder)."""
+  p = runs.path(directory)
+  return sorted(int(d.name) for d in p.iterdir() if d.name.isdigit()) if p.is_dir() else []
 
 
 def wait(mgr: ocp.CheckpointManager) -> None:
@@ -100,14 +111,16 @@ def restore_latest(mgr, abstract_state, log=print) -> Optional[tuple[Any, dict, 
 
 
 def _one_line(err: Exception) -> str:
-  text = str(err).strip().splitlines()
+  text = str(err).strip().split(" See full TensorStore details")[0].splitlines()
   return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
-def restore_params(directory: str, which: str, abstract_params) -> tuple[Any, dict, int]:
+def restore_params(directory: str, which: str, abstract_params, log=None) -> tuple[Any, dict, int]:
   """Only the parameters (and meta) of a run: for sampling, evaluation and fine-tuning.
 
   `which`: "latest", "best" or a step number. `abstract_params` carries target shardings.
+  For "latest", an unreadable newest checkpoint is skipped with one warning (training
+  moves it aside when it resumes) and the newest readable one is used.
   """
   sub = "best" if which == "best" else "checkpoints"
   path = runs.join(directory, sub)
@@ -118,29 +131,85 @@ def restore_params(directory: str, which: str, abstract_params) -> tuple[Any, di
   steps = sorted(mgr.all_steps())
   if not steps:
     raise CheckpointError(f"{path} holds no finished checkpoint; train longer or pick another run.")
-  if which in ("latest", "best"):
-    step = steps[-1]
+  if which == "latest":
+    candidates = steps[::-1]
+  elif which == "best":
+    candidates = steps[-1:]
   else:
     step = int(which)
     if step not in steps:
       raise CheckpointError(f"{path} has no checkpoint at step {step}; it has steps {steps}.")
+    candidates = [step]
+  target = {"params": abstract_params}
+  args = ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=target, partial_restore=True,
+          restore_args=jax.tree_util.tree_map(
+              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), target)),
+      meta=ocp.args.JsonRestore())
+  errors = []
+  # A damaged checkpoint's reads fail in tensorstore's threads too, which print into Orbax's
+  # closed event loop for a while: that goes to a log file, the one warning to the console.
+  stderr = sys.stderr
+  if not isinstance(stderr, MainThreadOnly):
+    sys.stderr = MainThreadOnly(stderr, os.path.join(tempfile.gettempdir(), f"jaxformer-{os.getpid()}.log"))
   try:
-    out = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args=jax.tree_util.tree_map(
-                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
-                {"params": abstract_params}),
-            partial_restore=True),
-        meta=ocp.args.JsonRestore()))
-  except Exception as err:  # pylint: disable=broad-except
-    raise CheckpointError(
-        f"the parameters in {path} (step {step}) do not fit this model "
-        f"({_one_line(err)}); "
-        "the architectures must match.") from err
+    for step in candidates:
+      try:
+        out = mgr.restore(step, args=args)
+      except Exception as err:  # pylint: disable=broad-except
+        errors.append((step, _one_line(err)))
+        continue
+      for bad, why in errors:
+        (log or _warn)(f"warning: checkpoint {bad} in {path} could not be read ({why}); using step {step}.")
+      return out["state"]["params"], dict(out["meta"]), step
   finally:
     mgr.close()
-  return out["state"]["params"], dict(out["meta"]), step
+    if errors:  # after a failed read they keep printing for a while: not onto the console
+      quiet_background(sys.stderr.log.path)
+    else:
+      sys.stderr = stderr
+  step, why = errors[0]
+  raise CheckpointError(
+      f"the parameters in {path} (step {step}) could not be read into this model ({why}); the architectures "
+      "must match, and a damaged checkpoint needs another (--checkpoint=STEP).")
+
+
+def _warn(message: str) -> None:
+  print(message, file=sys.stderr)
+
+
+class Appender:
+  """A text stream that appends to a file and never fails (the disk may be full)."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def write(self, text: str) -> int:
+    try:
+      with open(self.path, "a") as f:
+        f.write(text)
+    except OSError:
+      pass
+    return len(text)
+
+  def flush(self) -> None:
+    pass
+
+
+class MainThreadOnly:
+  """sys.stderr for the main thread; what other threads write is appended to a log file."""
+
+  def __init__(self, stream, path: str):
+    self.stream, self.log = stream, Appender(path)
+
+  def write(self, text: str) -> int:
+    if threading.current_thread() is threading.main_thread():
+      return self.stream.write(text)
+    return self.log.write(text)
+
+  def __getattr__(self, name):  # flush, isatty, fileno, encoding: the stream's
+    return getattr(self.stream, name)
 
 
 def serving_mesh(config, overrides: dict):
@@ -192,3 +261,26 @@ def load_run(workdir: str, which: str = "latest", overrides: dict | None = None)
 
 
 logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def quiet_background(log_path: str, everything: bool = False) -> None:
+  """Sends what Orbax's threads and coroutines print after a failed read or write to `log_path`.
+
+  They fail in turn until the process exits ("Event loop is closed", "Task exception
+  was never retrieved"): their detail goes to the log, the console keeps the main
+  thread's output (all of stderr with `everything`; scripts print their one-line
+  error to sys.__stderr__).
+  """
+  to_log = Appender(log_path).write
+  if everything:
+    sys.stderr = Appender(log_path)
+  elif not isinstance(sys.stderr, MainThreadOnly):
+    sys.stderr = MainThreadOnly(sys.stderr, log_path)
+  asyncio_log = logging.getLogger("asyncio")
+  asyncio_log.propagate = False
+  if not asyncio_log.handlers:
+    asyncio_log.addHandler(logging.StreamHandler(Appender(log_path)))
+  threading.excepthook = lambda a: to_log("".join(traceback.format_exception(a.exc_type, a.exc_value,
+                                                                             a.exc_traceback)))
+  sys.unraisablehook = lambda u: to_log(f"{u.err_msg or 'Exception ignored in'}: {u.object!r}\n" + "".join(
+      traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))

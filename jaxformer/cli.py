@@ -1,21 +1,30 @@
-"""What every script shares: the project's own errors become one clear line and exit status 1.
+"""What every script shares: bad flags and the project's own errors become one clear line and exit status 1.
 
 Only errors whose message already names the problem and the fix are shortened:
-the project's error types (config, data, tokenizer, checkpoint, training,
-sampling, plot, usage) and a missing or unreadable path. Anything else is a bug and
-keeps its traceback.
+a bad flag, config key, config file or argument; the project's error types (config,
+data, tokenizer, checkpoint, training, sampling, plot, usage) and a missing or
+unreadable path. Anything else is a bug and keeps its traceback.
+
+A script defines its flags (a config flag with a default inside `with cli.flag_errors():`,
+as ml_collections reads the --config.KEY overrides while defining it) and ends with
+`cli.main(main)`.
 """
 
+import contextlib
 import importlib.util
 import os
+import re
 import sys
 
 import jax
+from absl import app, flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from jaxformer.checkpoint import CheckpointError
 from jaxformer.config import ConfigError
 from jaxformer.data import DataError
 from jaxformer.plots import PlotError
+from jaxformer.runs import RunFolderError
 from jaxformer.sampling import SamplingError
 from jaxformer.tokenizer import TokenizerError
 from jaxformer.train import TrainingError
@@ -26,7 +35,8 @@ class UsageError(ValueError):
 
 
 CLEAR_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, TrainingError, SamplingError,
-                PlotError, UsageError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+                PlotError, UsageError, RunFolderError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+CHECKPOINT_HELP = "use latest, best or a step number."
 
 
 def skip_absent_tpu() -> None:
@@ -48,11 +58,181 @@ def skip_absent_tpu() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
+def fail(message: str):
+  """Prints `error: message` as the one line on stderr and exits with status 1.
+
+  To the process's own stderr: after a failed checkpoint write, sys.stderr goes to the
+  run's errors.log (checkpoint.quiet_background).
+  """
+  print(f"error: {message}", file=sys.__stderr__ or sys.stderr, flush=True)
+  sys.exit(1)
+
+
 def run(main, *args, **kwargs):
   """Calls main (JAX kept off an absent TPU); a CLEAR_ERRORS error prints as one line, no traceback."""
   skip_absent_tpu()
   try:
     return main(*args, **kwargs)
-  except CLEAR_ERRORS as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  except CLEAR_ERRORS + (app.UsageError,) as err:  # absl's would print the whole docstring
+    fail(str(err))
+
+
+def main(main_fn) -> None:
+  """A script's entry point: absl's app.run, bad flags and the project's errors one `error:` line each."""
+  app.run(lambda argv: run(main_fn, argv), flags_parser=parse_flags)
+
+
+def flags_only(argv) -> None:
+  """Refuses positional arguments in a script that takes flags only."""
+  if len(argv) > 1:
+    raise UsageError(f"unexpected argument {' '.join(argv[1:])!r}; give everything as --flag=value "
+                     "(--helpshort lists the flags).")
+
+
+def is_checkpoint(which: str) -> bool:
+  """Whether a --checkpoint value is one checkpoint.restore_params takes: latest, best or a step."""
+  return which in ("latest", "best") or (which.isascii() and which.isdigit())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """app.run's flags_parser: absl's parsing, with a bad flag, config key or config file one `error:` line."""
+  check_config_files(argv)
+  with flag_errors(argv):
+    argv = flags.FLAGS(argv)
+  check_configs_loaded()
+  return argv
+
+
+def config_file_flags() -> list[str]:
+  """The names of the flags that load a config file (config_flags.DEFINE_config_file)."""
+  return [name for name in flags.FLAGS if isinstance(flags.FLAGS[name].parser, ConfigFileFlagParser)]
+
+
+def check_config_files(argv: list[str]) -> None:
+  """A --config=FILE that is not a file fails here; ml_collections would defer it to the first access."""
+  for name in config_file_flags():
+    value = flag_value(argv, name)
+    if value is not None and not os.path.isfile(value.split(":", 1)[0]):
+      fail(f"--{name}={value}: no such file; give the path of a config file with get_config().")
+
+
+def check_configs_loaded() -> None:
+  """A config file whose get_config() raised an OSError fails here, not at the config's first use."""
+  for name in config_file_flags():
+    try:
+      hasattr(flags.FLAGS[name].value, "lock")  # ml_collections' stand-in for a failed load raises here
+    except OSError as err:
+      fail(f"--{name}={flags.FLAGS[name].config_filename}: {load_error(err)}")
+
+
+def load_error(err: OSError) -> str:
+  """The error a config file raised while loading, which ml_collections keeps as the cause."""
+  return _last_line(str(err.__cause__ or err))
+
+
+def flag_value(argv: list[str], name: str) -> str | None:
+  """The last value argv gives flag `name` (--name=V or --name V), None if it gives none."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    m = re.fullmatch(rf"--?{re.escape(name)}(=(.*))?", arg, re.S)
+    if m:
+      value = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value
+
+
+@contextlib.contextmanager
+def flag_errors(argv: list[str] | None = None):
+  """Turns a bad flag, config key or config file into one `error:` line and exit status 1.
+
+  Wraps flag parsing and the definition of config flags (ml_collections reads the
+  --config.KEY overrides there). Errors it cannot pin on a flag keep their traceback.
+  """
+  try:
+    yield
+  except (flags.Error, KeyError, AttributeError, OSError) as err:
+    message = flag_error_message(err, sys.argv if argv is None else argv)
+    if message is None:
+      raise
+    fail(message)
+
+
+def flag_error_message(err: Exception, argv: list[str]) -> str | None:
+  """One sentence for a flag error, or None when it is not one (a bug: keep the traceback)."""
+  if isinstance(err, flags.UnrecognizedFlagError):
+    return unknown_flag_message(err)
+  if isinstance(err, flags.Error):
+    return bad_value_message(str(err))
+  if isinstance(err, OSError):  # a config file ml_collections could not load
+    return load_error(err)
+  return config_key_message(err, argv)
+
+
+def unknown_flag_message(err: flags.UnrecognizedFlagError) -> str:
+  """`--name: no such flag; ...` with absl's suggestion where it has one."""
+  name = err.flagname
+  if "." in name and name.split(".")[0] in flags.FLAGS:  # an override of a config flag given no config
+    return f"--{name}: there is no config to override; give --{name.split('.')[0]}=FILE before it."
+  tip = re.search(r"Did you mean: (.*) \?", str(err))
+  if tip:
+    return f"--{name}: no such flag; did you mean --{tip.group(1).split(', ')[0]}?"
+  return f"--{name}: no such flag; --helpshort lists the flags."
+
+
+_FLAG = r"flag (--([^=\s]+)=.*?): "
+# absl's and Python's words for a bad flag -> one sentence naming the fix (the first that matches).
+_MESSAGES = (
+    (r"flag (--[^=\s]+)=None: Flag \S+ must have a value other than None\.", r"\1 is required; give \1=VALUE."),
+    (_FLAG + r".*invalid literal for int\(\).*", r"\1: not an integer; give a whole number."),
+    (_FLAG + r".*could not convert string to float.*", r"\1: not a number; give one such as 0.5 or 1e-3."),
+    (_FLAG + r".*Non-boolean argument.*", r"\1: not a boolean; give true or false."),
+    (_FLAG + r"Overriding \w+ is not allowed\.", r"\1: --\2 takes no file here; give --\2.KEY=VALUE overrides."),
+    (_FLAG + r"Failed to parse .* as a ConfigDict.*", r"--\2 is a section; set its fields: --\2.KEY=VALUE."),
+    (_FLAG + r"value should be one of <(.*)>", r"\1: give one of \3."),
+    (_FLAG + r"[-+\w.]+ is not (an? [\w -]+)", r"\1: give \3."),  # a bound: '0 is not a positive integer'
+    (r"Missing value for flag (-\S+)", r"\1 has no value; give \1=VALUE."),
+    (r"Found (\S+) in argv before a value for (\S+) was specified", r"\1 comes before \2=FILE; give \2=FILE first."),
+    (_FLAG + r"(.*)", r"\1: \3"),  # absl's own words, e.g. a validator's message
+)
+
+
+def bad_value_message(text: str) -> str:
+  """One sentence for a flags.Error: absl's 'flag --name=value: detail' reworded to name the fix."""
+  lines = text.strip().splitlines() or ["bad flag"]
+  if "Traceback" in text:  # a config file that raised: ml_collections puts its traceback in the message
+    lines[0] = f"{lines[0].split(': Error whilst parsing', 1)[0]}: {_last_line(text)}"
+  for pattern, fix in _MESSAGES:
+    hit = re.fullmatch(pattern, lines[0])
+    if hit:
+      return hit.expand(fix)
+  return f"{lines[0]}; --helpshort lists the flags."
+
+
+def config_key_message(err: Exception, argv: list[str]) -> str | None:
+  """`--config.a.b: no such config key; did you mean "c"?` for the override ml_collections could not find."""
+  text = str(err)
+  hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  lookup = re.search(r"Attempting to lookup: ([\w.]+)", text)  # a key below a value: steps.x
+  if hint:
+    key = hint.group(2)
+  elif lookup:
+    key = lookup.group(1).split(".")[-1]
+  else:
+    words = re.findall(r"\w+", text)
+    key = words[0] if words else ""
+  for arg in argv[1:]:
+    m = re.match(r"--?(?:no)?(\w+(?:\.\w+)+)(=|$)", arg)
+    if m and key in m.group(1).split(".")[1:]:
+      name = m.group(1)
+      what = "no such config key" if name.endswith("." + key) else f'no such config key "{key}"'
+      fix = f'did you mean "{hint.group(1)}"?' if hint else "check its spelling against the config."
+      return f"--{name}: {what}; {fix}"
+  return None  # not a command-line override: a bug in a config file, which keeps its traceback
+
+
+def _last_line(text: str) -> str:
+  """The last non-empty line, without a traceback's 'module.Error: ' prefix."""
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  line = lines[-1] if lines else text
+  return re.sub(r"^[\w.]*(Error|Exception): ", "", line)

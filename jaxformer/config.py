@@ -228,6 +228,10 @@ def validate(c) -> None:
     raise ConfigError("optim.clip_norm and optim.weight_decay must be >= 0.")
   if c.data.source not in ("stories", "text", "hf"):
     raise ConfigError(f"data.source must be stories, text or hf, got {c.data.source!r}.")
+  if c.data.path and c.data.source != "text":  # only source=text reads data.path: it would be ignored
+    raise ConfigError(
+        f"data.path is set ({c.data.path!r}) but data.source is {c.data.source!r}, which ignores it; "
+        "set data.source=text to train on the file, or data.path='' to use the other source.")
   if c.data.tokenizer not in tokenizer_lib.KINDS:
     raise ConfigError(f"data.tokenizer must be char or bpe, got {c.data.tokenizer!r}.")
   if c.data.tokenizer == "bpe":
@@ -368,7 +372,12 @@ def load_config_json(path: str) -> ml_collections.ConfigDict:
   file = epath.Path(path)  # local or in a bucket
   if not file.is_file():
     raise ConfigError(f"{path} does not exist; point at a run folder that holds config.json.")
-  values = _upgrade(json.loads(file.read_text()))
+  try:
+    values = json.loads(file.read_text())
+  except ValueError as err:
+    raise ConfigError(f"{path} is not valid JSON ({err}); restore it from a copy, or start the run again "
+                      "from its config file in a new --workdir.") from None
+  values = _upgrade(values)
   config = base_config()
   unknown = _merge(config, values, "")
   if unknown:

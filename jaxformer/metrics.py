@@ -1,6 +1,7 @@
 """Metric writers (JSONL + TensorBoard), progress output, throughput, MFU and FLOPs arithmetic."""
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -63,7 +64,18 @@ def peak_flops(device=None, matmul_n: int = 2048) -> tuple[float, str]:
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak: float, num_devices: int) -> float:
+  """Model FLOPs utilisation, at most 1 (see `contended`)."""
+  return min(1.0, raw_mfu(tokens_per_sec, flops_per_token, peak, num_devices))
+
+
+def raw_mfu(tokens_per_sec: float, flops_per_token: float, peak: float, num_devices: int) -> float:
   return tokens_per_sec * flops_per_token / (peak * num_devices)
+
+
+def contended(tokens_per_sec: float, flops_per_token: float, peak: float, num_devices: int) -> bool:
+  """Whether the throughput beats the peak: a CPU's peak measured while the machine was busier
+  than during the steps. MFU is then clamped to 1 and the metrics say so (`mfu_contended`)."""
+  return raw_mfu(tokens_per_sec, flops_per_token, peak, num_devices) > 1.0
 
 
 class Writer:
@@ -74,19 +86,25 @@ class Writer:
   uploaded whole every `sync_every_s` seconds and at close.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, sync_every_s: float = 30.0):
+  def __init__(self, workdir: str, enabled: bool = True, sync_every_s: float = 30.0, start_step: int = 0):
     self.enabled, self.remote = enabled, runs.is_remote(workdir)
     self.workdir, self.sync_every_s, self._synced = workdir, sync_every_s, time.monotonic()
     self._file = self._tb = None
     if not enabled:
       return
+    # A resumed run logs its steps after `start_step` again: their old lines go first, so
+    # metrics.jsonl keeps one line per step (and a line cut short by a kill goes too).
+    target = runs.path(runs.join(workdir, runs.METRICS))
+    old = target.read_text() if target.exists() else ""
+    kept = "".join(line for line in old.splitlines(keepends=True) if _step_of(line) <= start_step)
     if self.remote:
-      # metrics.jsonl as it stands (a resume appends), and TensorBoard's events, staged locally.
+      # metrics.jsonl as it stands, and TensorBoard's events, staged locally and uploaded whole.
       self._local = tempfile.mkdtemp(prefix="jaxformer-metrics-")
-      target = runs.path(runs.join(workdir, runs.METRICS))
-      self._lines = [target.read_text()] if target.exists() else []
+      self._lines = [kept] if kept else []
       tb_dir = self._local
     else:
+      if kept != old:
+        runs.atomic_write(str(target), kept)
       os.makedirs(workdir, exist_ok=True)
       self._file = open(os.path.join(workdir, runs.METRICS), "a")
       tb_dir = workdir
@@ -127,6 +145,14 @@ class Writer:
       shutil.rmtree(self._local, ignore_errors=True)
     else:
       self._file.close()
+
+
+def _step_of(line: str) -> float:
+  """The step of a metrics.jsonl line; infinity for one that is not whole JSON (so it is dropped)."""
+  try:
+    return json.loads(line)["step"] if line.endswith("\n") else math.inf
+  except (ValueError, KeyError, TypeError):
+    return math.inf
 
 
 class Progress:

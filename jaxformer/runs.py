@@ -4,6 +4,8 @@
   metrics.jsonl   one JSON object per logged step or evaluation, appended (a resume logs steps again)
   summary.json    status and final numbers, rewritten by the trainer at every stop
   tokenizer.json  the run's tokenizer
+  train.lock      held by the training process writing the folder (its host and pid)
+  errors.log      the full detail (tracebacks, Orbax's log) of errors shown as one line
   trial.json      sweeps only: command, exit status, attempts, wall time, error tail
   checkpoints/, best/   Orbax (checkpoint.py)
 
@@ -16,6 +18,8 @@ import json
 import os
 import re
 import secrets
+import socket
+import time
 import statistics
 from typing import Optional
 
@@ -25,8 +29,8 @@ from etils import epath
 from jaxformer import config as config_lib
 from jaxformer import tokenizer as tokenizer_lib
 
-CONFIG, METRICS, SUMMARY, TOKENIZER, TRIAL = (
-    "config.json", "metrics.jsonl", "summary.json", "tokenizer.json", "trial.json")
+CONFIG, METRICS, SUMMARY, TOKENIZER, TRIAL, LOCK, LOG = (
+    "config.json", "metrics.jsonl", "summary.json", "tokenizer.json", "trial.json", "train.lock", "errors.log")
 # summary.json statuses of a run that is done: a sweep started again skips it.
 DONE = ("finished", "early_stopped")
 
@@ -80,6 +84,66 @@ def atomic_write(p, data: str | bytes) -> None:
 
 def write_json(path: str, obj) -> None:
   atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+class RunFolderError(RuntimeError):
+  """The run folder cannot be used now; the message says why and what to do."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
+
+
+def acquire_lock(run_dir: str, log=print) -> str:
+  """Takes run_dir/train.lock for this process; a second writer is refused with one sentence.
+
+  A lock whose holder was on this host and is gone (killed, crashed) is stale and taken
+  over. One from another host cannot be checked from here: the message says how to free it.
+  """
+  p, host, pid = join(run_dir, LOCK), socket.gethostname(), os.getpid()
+  mine = json.dumps({"host": host, "pid": pid, "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n"
+  for _ in range(2):
+    if not is_remote(p):
+      os.makedirs(run_dir, exist_ok=True)
+      try:
+        fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # atomic: one of two racers wins
+      except FileExistsError:
+        pass
+      else:
+        with os.fdopen(fd, "w") as f:
+          f.write(mine)
+        return p
+    elif not exists(p):
+      atomic_write(p, mine)
+      return p
+    try:
+      holder = json.loads(path(p).read_text())
+    except (OSError, ValueError):
+      holder = {}
+    if holder.get("host") == host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+      log(f"warning: {p} was left by process {holder['pid']}, which is gone; taking it over.")
+      path(p).unlink(missing_ok=True)
+      continue
+    who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+    raise RunFolderError(
+        f"{run_dir} is being trained by {who} ({p}); wait for it to finish or stop it, or use another "
+        f"--workdir (if that process is gone, delete {p}).")
+  raise RunFolderError(f"could not take {p}; delete it if no training is running there.")
+
+
+def release_lock(lock_path: str) -> None:
+  try:
+    held = json.loads(path(lock_path).read_text())
+  except (OSError, ValueError):
+    return
+  if held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
+    path(lock_path).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- reading

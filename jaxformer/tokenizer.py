@@ -78,7 +78,11 @@ def load_tokenizer(path: str) -> Tokenizer:
     file = file / "tokenizer.json"
   if not file.exists():
     raise FileNotFoundError(f"no tokenizer at {file}; train one first (a training run writes tokenizer.json).")
-  return Tokenizer.from_str(file.read_text())
+  try:
+    return Tokenizer.from_str(file.read_text())
+  except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
+    raise TokenizerError(f"{file} is not a readable tokenizer ({str(err).splitlines()[0][:120]}); restore the "
+                         "run's tokenizer.json from a copy, or start a new --workdir.") from None
 
 
 def fingerprint(tok: Tokenizer) -> str:

@@ -8,11 +8,18 @@ a few named functions of the run and the step.
 """
 
 import dataclasses
+import errno
 import functools
 import hashlib
+import logging
 import math
+import os
 import signal
+import sys
+import tempfile
+import threading
 import time
+import traceback
 from typing import Any, Callable
 
 import flax
@@ -37,6 +44,11 @@ from jaxformer.config import ConfigError
 
 class TrainingError(RuntimeError):
   """Training cannot go on; the message says why."""
+
+
+# scripts/train.py's exit status for a run stopped by SIGTERM/SIGINT after its checkpoint:
+# not finished, resumable (sysexits' EX_TEMPFAIL, "try again later").
+EXIT_RESUMABLE = 75
 
 
 @flax.struct.dataclass
@@ -266,6 +278,7 @@ class Run:
   best: Any                  # CheckpointManager of best/
   meta: dict                 # written with every checkpoint
   stopping: "EarlyStopping"
+  lock: str | None = None    # train.lock, held by process 0
 
 
 @dataclasses.dataclass
@@ -294,6 +307,16 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
   config_lib.validate(config)
   sharding.set_cpu_devices(config)  # before anything starts JAX
   sharding.initialize_distributed(config.distributed)
+  lock = runs.acquire_lock(workdir, log) if jax.process_index() == 0 else None
+  try:
+    return _setup(config, workdir, lock, log)
+  except BaseException:
+    if lock:
+      runs.release_lock(lock)
+    raise
+
+
+def _setup(config, workdir: str, lock: str | None, log: Callable) -> Run:
   t, lead = config.train, jax.process_index() == 0
   if t.init_from:
     _prepare_init_from(config, workdir)
@@ -308,13 +331,6 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
   model = model_for(config, data.tokenizer)
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy with V filled in
   config.model.vocab_size = model.cfg.vocab_size
-  if lead:
-    runs.atomic_write(runs.join(workdir, runs.CONFIG), config.to_json_best_effort(indent=2, sort_keys=True))
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("config.json written")
-    agree_across_processes(str(runs.exists(runs.join(workdir, runs.CONFIG))), "whether the run folder holds "
-                           "config.json", f"--workdir={workdir} must be one folder every process sees: a bucket "
-                           "(gs://...) or a shared file system.")
   if model.cfg.pos_encoding == "learned" and t.seq_len < model.cfg.max_len:
     log(f"warning: train.seq_len {t.seq_len} < model.max_len {model.cfg.max_len}: learned positions past "
         f"{t.seq_len} are never trained, and samples longer than that degrade.")
@@ -359,6 +375,15 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
       params, _, base_step = checkpoint.restore_params(t.init_from, "latest", abstract.params)
       state = state.replace(params=params)
       log(f"fine-tuning from {t.init_from} (step {base_step}) with a fresh optimizer")
+  drop_later_best(best, start, log)
+  # Only now is the run known to start: a refused resume never replaces the config its checkpoints need.
+  if lead:
+    runs.atomic_write(runs.join(workdir, runs.CONFIG), config.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("config.json written")
+    agree_across_processes(str(runs.exists(runs.join(workdir, runs.CONFIG))), "whether the run folder holds "
+                           "config.json", f"--workdir={workdir} must be one folder every process sees: a bucket "
+                           "(gs://...) or a shared file system.")
 
   valid = data_lib.validation_set(data, num_batches=config.data.num_valid_batches,
                                   batch_size=t.batch_size, seq_len=t.seq_len)
@@ -367,7 +392,23 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
   return Run(config=config, workdir=workdir, lead=lead, data=data, model=model, mesh=mesh, rows=rows,
              step_fn=step_fn,
              eval_fn=eval_fn, state=state, start=start, valid_batches=valid_batches,
-             entropy_floor=valid.entropy_floor, checkpoints=ckpts, best=best, meta=meta, stopping=stopping)
+             entropy_floor=valid.entropy_floor, checkpoints=ckpts, best=best, meta=meta, stopping=stopping,
+             lock=lock)
+
+
+def drop_later_best(best, start: int, log: Callable) -> None:
+  """Deletes best/ checkpoints after the step the run resumes from.
+
+  They belong to steps the run is about to compute again (after a fallback past an
+  unreadable checkpoint, or with checkpoints/ emptied); left there, the same step's new
+  best could not be saved.
+  """
+  later = [s for s in best.all_steps() if s > start]
+  for s in later:
+    best.delete(s)
+  if later:
+    best.reload()
+    log(f"warning: removed best/ checkpoint(s) {later}: they are after step {start}, where the run resumes.")
 
 
 # ---------------------------------------------------------------------------- periodic work
@@ -461,6 +502,7 @@ class Reporter:
   log_every: int
   last: dict = dataclasses.field(default_factory=dict)   # the newest train metrics fetched
   tokens_per_sec: float | None = None
+  warned_contended: bool = False
 
   def train(self, metrics: dict, step: int) -> None:
     self.last = metrics
@@ -470,6 +512,12 @@ class Reporter:
     info = {"train/loss": float(metrics["train/loss"]), "lr": float(metrics["lr"]),
             "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": tps,
             "mfu": metrics_lib.mfu(tps, self.flops_per_token, self.peak, jax.device_count())}
+    if metrics_lib.contended(tps, self.flops_per_token, self.peak, jax.device_count()):
+      info["mfu_contended"] = 1.0
+      if not self.warned_contended:
+        self.warned_contended = True
+        self.progress.log("warning: these steps ran faster than the peak measured at start (the machine was "
+                          "busier then); MFU is clamped to 1 and marked mfu_contended in metrics.jsonl.")
     self.writer.write(step, info)
     short = {"loss": info["train/loss"], "lr": info["lr"], "tok/s": int(tps)}
     if self.progress.tty:
@@ -548,10 +596,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
   `stop_at` ends this process early at that step with a checkpoint, as a preemption
   would; started again, the run continues exactly as if never stopped.
   """
-  run = setup(config, workdir, log)
-  t = run.config.train
+  # Orbax logs a failed background write as an error with its traceback, then raises it:
+  # its log goes to errors.log, the exception to the caller.
+  orbax_log = logging.getLogger("absl")
+  handler = logging.FileHandler(detail_log_path(workdir), delay=True)
+  handler.handleError = lambda record: None  # a full disk loses the log, not the run
+  orbax_log.addHandler(handler)
+  propagate, orbax_log.propagate = orbax_log.propagate, False
+  # What background threads print (tensorstore's callbacks after a failed write) goes there too.
+  stderr, sys.stderr = sys.stderr, checkpoint.MainThreadOnly(sys.stderr, detail_log_path(workdir))
+  keep_quiet = False
+  try:
+    run = setup(config, workdir, log)
+    try:
+      return _train(run, log, stop_at)
+    finally:
+      if run.lock:
+        runs.release_lock(run.lock)
+  except Exception as err:
+    why = storage_problem(err, workdir)
+    if why is None:
+      raise
+    detail, keep_quiet = quiet_storage_errors(workdir, err), True
+    steps = checkpoint.complete_steps(runs.join(workdir, "checkpoints"))
+    kept = f"the newest complete checkpoint (step {steps[-1]}) is kept" if steps else "no checkpoint was complete"
+    raise TrainingError(f"could not write the run in {workdir} ({why}); {kept}. Free space or fix the "
+                        f"permissions, then run the same command to resume (details: {detail}).") from None
+  finally:
+    if not keep_quiet:
+      orbax_log.removeHandler(handler)
+      orbax_log.propagate = propagate
+      sys.stderr = stderr
+    try:
+      handler.close()
+    except OSError:  # what it held could not be written (a full disk): the log is lost, not the run
+      pass
+
+
+def detail_log_path(workdir: str) -> str:
+  """WORKDIR/errors.log, or a local file for a run in a bucket (objects cannot be appended to)."""
+  if runs.is_remote(workdir):
+    return os.path.join(tempfile.gettempdir(), f"jaxformer-{os.getpid()}.log")
+  return runs.join(workdir, runs.LOG)
+
+
+def _train(run: Run, log: Callable, stop_at: int | None) -> dict:
+  t, workdir = run.config.train, run.workdir
   peak, peak_source = metrics_lib.peak_flops()
-  report = Reporter(metrics_lib.Writer(workdir, enabled=run.lead), metrics_lib.Progress(t.steps, run.start, run.lead),
+  report = Reporter(metrics_lib.Writer(workdir, enabled=run.lead, start_step=run.start),
+                    metrics_lib.Progress(t.steps, run.start, run.lead),
                     Throughput(run.start, t.batch_size * t.seq_len),
                     metrics_lib.flops_per_token(run.model.cfg, t.seq_len), peak, t.steps, t.log_every)
   profiler, signals = Profiler(run), StopSignals()
@@ -594,6 +687,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
       save_checkpoint(run, step, log=log)
   except BaseException as err:
     status, reason = "failed", f"{type(err).__name__}: {err}"
+    if storage_problem(err, workdir):  # before the clean-up below, whose Orbax calls fail noisily in turn
+      quiet_storage_errors(workdir, err)
     raise
   finally:
     profiler.stop(run.state)
@@ -609,6 +704,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log: 
         train_loss=float(last["train/loss"]) if last else None, eval_loss=eval_loss,
         tokens_per_sec=report.tokens_per_sec, peak_flops=peak, peak_source=peak_source)
   return summary
+
+
+STORAGE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "quota exceeded", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.EROFS: "read-only file system"}
+
+
+def storage_problem(err: BaseException, workdir: str) -> str | None:
+  """'disk full', 'permission denied', ... if `err` (or an error it came from) is one, else None.
+
+  Orbax reports them as ValueErrors that carry only the text of the OS error. A
+  permission error counts only where it names the run folder (not, say, a data file).
+  """
+  seen, folder = set(), str(runs.path(workdir))
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    code = err.errno if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS else None
+    code = code or next((c for c in STORAGE_ERRNOS if os.strerror(c) in str(err)), None)
+    about_run = folder in f"{getattr(err, 'filename', '')} {err}"
+    if code is not None and (code in (errno.ENOSPC, errno.EDQUOT) or about_run):
+      return STORAGE_ERRNOS[code]
+    err = err.__cause__ or err.__context__
+  return None
+
+
+def quiet_storage_errors(workdir: str, err: BaseException) -> str:
+  """Writes `err`'s traceback to WORKDIR/errors.log (on a full disk, a temporary file), then sends
+  stderr there too: what Orbax's threads print as they fail in turn. Returns the log's path."""
+  if isinstance(sys.stderr, checkpoint.Appender):  # already quiet
+    return sys.stderr.path
+  text = "".join(traceback.format_exception(err))
+  for log_path in (detail_log_path(workdir), os.path.join(tempfile.gettempdir(), f"jaxformer-{os.getpid()}.log")):
+    try:
+      with open(log_path, "a") as f:
+        f.write(text)
+      break
+    except OSError:
+      continue
+
+  checkpoint.quiet_background(log_path, everything=True)
+  return log_path
 
 
 def summary_line(s: dict) -> str:

@@ -10,30 +10,32 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxformer import allocator, benchmark, cli
 from jaxformer import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny.py"),
-    "A config file with get_config().", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps per repeat.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed train steps after the first.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats of the timed steps (and of each generation run).")
+with cli.flag_errors():  # ml_collections reads the --config.KEY overrides here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny.py"),
+      "A config file with get_config().", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps per repeat.", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed train steps after the first.", lower_bound=0)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats of the timed steps (and of each generation run).", lower_bound=1)
 _GENERATE = flags.DEFINE_bool("generate", True, "Also time generation at B=1 and B=8.")
-_GEN_TOKENS = flags.DEFINE_integer("gen_tokens", 500, "New tokens per generation run.")
-_GEN_PROMPT = flags.DEFINE_integer("gen_prompt_len", 1, "Prompt length of the generation runs.")
+_GEN_TOKENS = flags.DEFINE_integer("gen_tokens", 500, "New tokens per generation run.", lower_bound=1)
+_GEN_PROMPT = flags.DEFINE_integer("gen_prompt_len", 1, "Prompt length of the generation runs.", lower_bound=1)
 _GEN_BATCH = flags.DEFINE_list("gen_batch_sizes", ["1", "8"], "Generation batch sizes.")
+flags.register_validator(_GEN_BATCH, lambda sizes: all(s.isascii() and s.isdigit() and int(s) > 0 for s in sizes),
+                         message="give positive whole numbers, comma-separated (1,8).")
 _PEAK_N = flags.DEFINE_integer("peak_matmul", benchmark.CPU_PEAK_MATMUL,
-                               "Size n of the n x n float32 matmul that measures a CPU's peak.")
+                               "Size n of the n x n float32 matmul that measures a CPU's peak.", lower_bound=1)
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress lines on stderr.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.flags_only(argv)
   config = _CONFIG.value
   config_lib.validate(config)
   malloc_set = allocator.configure()  # as scripts/train.py does
@@ -49,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run(main, argv))
+  cli.main(main)

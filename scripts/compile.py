@@ -15,21 +15,23 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only compiles; no TPU backend is started
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jaxformer import aot, cli  # noqa: E402
+from jaxformer import config as config_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "gpt2.py"),
-    "A config file with get_config().", lock_config=True)
+with cli.flag_errors():  # ml_collections reads the --config.KEY overrides here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "gpt2.py"),
+      "A config file with get_config().", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "The TPU slice, as libtpu names it: v5e:4x4, v5p:2x2x1, ...")
 _DECODE = flags.DEFINE_bool("decode", True, "Also compile the sampling loop (8 rows, replicated parameters).")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.flags_only(argv)
+  config_lib.validate(_CONFIG.value)  # before libtpu builds the slice's devices
   result = aot.report(_CONFIG.value, _TOPOLOGY.value, decode=_DECODE.value)
   result["config"] = flags.FLAGS["config"].config_filename
   print(json.dumps(result, indent=2), flush=True)
@@ -39,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run(main, argv))
+  cli.main(main)

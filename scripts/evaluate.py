@@ -9,7 +9,7 @@ evaluates on another corpus with the run's tokenizer.
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxformer import cli, evaluate
@@ -17,15 +17,16 @@ from jaxformer.config import base_config
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run folder to evaluate.", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+flags.register_validator(_CHECKPOINT, cli.is_checkpoint, message=cli.CHECKPOINT_HELP)  # before any work
 # Only the fields given on the command line are used; the rest come from the run's config.json.
-_CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides: --config.data.*, "
-                                          "--config.train.batch_size, --config.train.seq_len, "
-                                          "--config.mesh.*, --config.distributed.* (many hosts).")
+with cli.flag_errors():  # ml_collections reads the --config.KEY overrides here
+  _CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides: --config.data.*, "
+                                            "--config.train.batch_size, --config.train.seq_len, "
+                                            "--config.mesh.*, --config.distributed.* (many hosts).")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.flags_only(argv)
   logging.set_verbosity(logging.ERROR)  # Orbax logs every restore
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   result = evaluate.evaluate_run(_WORKDIR.value, _CHECKPOINT.value, overrides)
@@ -33,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run(main, argv))
+  cli.main(main)

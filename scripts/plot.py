@@ -11,7 +11,7 @@ A --workdir may be a glob ('runs/sweeps/lr_warmup/*').
 import glob
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxformer import cli, plots, runs
@@ -24,6 +24,7 @@ _LOG_Y = flags.DEFINE_bool("log_y", False, "loss: a logarithmic y axis.")
 _PROMPT = flags.DEFINE_string("prompt", "Sam was a gentle boy who lived in a quiet town.",
                               "attention: the text to look at.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "attention: best, latest or a step number.")
+flags.register_validator(_CHECKPOINT, cli.is_checkpoint, message=cli.CHECKPOINT_HELP)  # before any work
 _OUT = flags.DEFINE_string("out", "", "The PNG to write.")
 
 
@@ -51,7 +52,9 @@ def run_config(command: str):
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"give one command: {' | '.join(COMMANDS)} (e.g. scripts/plot.py loss --workdir=runs/default)")
+    got = " ".join(argv[1:]) or "none"
+    raise cli.UsageError(f"give one command, {' | '.join(COMMANDS)} (got {got}); "
+                         "e.g. scripts/plot.py loss --workdir=RUN.")
   command = argv[1]
   logging.set_verbosity(logging.ERROR)  # JAX and Orbax log at INFO
   if not plots.available():
@@ -78,4 +81,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.FLAGS.set_gnu_getopt(True)  # flags may follow the command: plot.py loss --workdir=...
-  app.run(lambda argv: cli.run(main, argv))
+  cli.main(main)

@@ -9,9 +9,10 @@ Writes WORKDIR/results.md (and .csv) and prints the table.
 import os
 import platform
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from jaxformer import cli, results, runs, sweep
+from jaxformer import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,16 +22,18 @@ CORPORA = {"stories": ("configs/default.py", False),
            "tinystories": ("configs/tinystories.py", True)}
 PRESETS = ("tiny", "small", "medium", "large")
 
-_STEPS = flags.DEFINE_integer("steps", 500, "Training steps of every run (the fixed budget).")
+_STEPS = flags.DEFINE_integer("steps", 500, "Training steps of every run (the fixed budget).", lower_bound=1)
 _PRESETS = flags.DEFINE_list("presets", ["tiny", "small"], f"Model presets: {', '.join(PRESETS)}.")
 _CORPORA = flags.DEFINE_list("corpora", list(CORPORA), f"Corpora: {', '.join(CORPORA)}.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "B of every run.")
-_SEQ = flags.DEFINE_integer("seq_len", 128, "T of every run.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "B of every run.", lower_bound=1)
+_SEQ = flags.DEFINE_integer("seq_len", 128, "T of every run.", lower_bound=1)
 _LR = flags.DEFINE_float("lr", 2e-3, "Peak learning rate of every run (warmup: a tenth of the steps).")
+flags.register_validator(_LR, lambda lr: lr > 0, message="give a positive learning rate.")
 _SHAKESPEARE = flags.DEFINE_string("shakespeare", "", "Tiny Shakespeare text (default: the recipe's data.path).")
 _TINYSTORIES = flags.DEFINE_string("tinystories", "", "TinyStories text (default: the recipe's data.path).")
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "results"), "Folder of the runs and the table.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at the same time (1 gives comparable tokens/s).")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at the same time (1 gives comparable tokens/s).",
+                                  lower_bound=1)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print one train.py command line per run and run nothing.")
 _REPORT = flags.DEFINE_bool("report", False, "Only write the table from the runs there are.")
 
@@ -47,8 +50,6 @@ def corpus_path(corpus: str, recipe: dict) -> str:
 
 def make_trials() -> list:
   steps = _STEPS.value
-  if steps <= 0:
-    raise cli.UsageError(f"--steps must be positive, got {steps}.")
   unknown = [p for p in _PRESETS.value if p not in PRESETS] + [c for c in _CORPORA.value if c not in CORPORA]
   if unknown:
     raise cli.UsageError(f"unknown preset or corpus: {', '.join(unknown)}; presets are {', '.join(PRESETS)}, "
@@ -70,7 +71,8 @@ def make_trials() -> list:
       axes = {"preset": preset, "corpus": corpus}
       trials.append(sweep.Trial(name=sweep.trial_name(axes), config=recipe_file,
                                 overrides={**fixed, **model, **data}, axes=axes))
-      config_lib.apply_overrides(recipe, trials[-1].overrides, "results setting")  # a bad field fails here
+      # A bad field or value fails here, before any run starts.
+      config_lib.validate(config_lib.apply_overrides(recipe, trials[-1].overrides, "results setting"))
   return trials
 
 
@@ -101,11 +103,8 @@ def machine_note(steps: int) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.flags_only(argv)
   logging.set_verbosity(logging.ERROR)  # JAX logs at INFO
-  if _PARALLEL.value < 1:
-    raise cli.UsageError(f"--parallel must be at least 1, got {_PARALLEL.value}.")
   trials = make_trials()
   workdir = _WORKDIR.value
   train_script = os.path.join(REPO, "scripts", "train.py")
@@ -128,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run(main, argv))
+  cli.main(main)

@@ -10,7 +10,7 @@ prompt starts from the end-of-text token, as a new document does in training.
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxformer import checkpoint, cli, sampling, tokenizer as tokenizer_lib
@@ -26,14 +26,15 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 is o
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus: keep the smallest set with mass >= p; 1.0 is off.")
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed and flags give the same text.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+flags.register_validator(_CHECKPOINT, cli.is_checkpoint, message=cli.CHECKPOINT_HELP)  # before any work
 # Only the fields given on the command line are used: where to load the run (mesh.*, distributed.*).
-_CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides: --config.mesh.*, "
-                                          "--config.distributed.* (many hosts).")
+with cli.flag_errors():  # ml_collections reads the --config.KEY overrides here
+  _CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides: --config.mesh.*, "
+                                            "--config.distributed.* (many hosts).")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.flags_only(argv)
   logging.set_verbosity(logging.ERROR)
   if _NUM.value < 1:
     raise cli.UsageError(f"--num_samples must be at least 1, got {_NUM.value}.")
@@ -58,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run(main, argv))
+  cli.main(main)

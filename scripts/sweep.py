@@ -7,7 +7,7 @@ python scripts/sweep.py --sweep=configs/sweeps/lr_warmup.py [--workdir=DIR] [--p
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxformer import cli, plots, results, sweep
@@ -30,13 +30,10 @@ def resolve(path: str) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.flags_only(argv)
   if _SWEEP.value is None:
     raise cli.UsageError("no sweep given; pass --sweep=configs/sweeps/NAME.py.")
-  sweep_file = flags.FLAGS["sweep"].config_filename.split(":")[0]
-  if not os.path.isfile(sweep_file):  # config_flags defers this error until the config is read
-    raise cli.UsageError(f"the sweep file {sweep_file} does not exist; pass --sweep=configs/sweeps/NAME.py.")
+  sweep_file = flags.FLAGS["sweep"].config_filename.split(":")[0]  # cli.main checked that it exists
   spec = _SWEEP.value
   if not spec.config:
     raise cli.UsageError("the sweep names no base config; set config = 'configs/tiny.py' (or another) in the sweep file.")
@@ -75,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run(main, argv))
+  cli.main(main)

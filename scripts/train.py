@@ -4,15 +4,17 @@ python scripts/train.py [--config=configs/default.py] [--workdir=DIR] [--config.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxformer import allocator, checkpoint, cli, sampling, train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
-    "A config file with get_config(), or a run's config.json to reproduce it.", lock_config=True)
+with cli.flag_errors():  # ml_collections reads the --config.KEY overrides here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "default.py"),
+      "A config file with get_config(), or a run's config.json to reproduce it.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (default: runs/<config file name>).")
 
 
@@ -26,6 +28,8 @@ def main(argv):
   allocator.configure()  # XLA:CPU reuses its large buffers instead of page-faulting them every step
   summary = train.train_and_evaluate(config, workdir)
   print(train.summary_line(summary), flush=True)
+  if summary["status"] == "stopped":  # by a signal: the scheduler should start it again
+    sys.exit(train.EXIT_RESUMABLE)
   if config.train.num_samples > 0:
     _, model, params, tok, _, _ = checkpoint.load_run(workdir)
     texts = sampling.sample_text(
@@ -36,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: cli.run(main, argv))
+  cli.main(main)

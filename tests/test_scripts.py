@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from jaxformer import train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -82,7 +84,7 @@ def test_train_resumes_in_the_same_workdir(trained):
   assert "resumed from step 3" in out.stdout and "done: 5 steps" in out.stdout
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_resumable(tmp_path):
   import signal
   import time
   workdir = tmp_path / "run"
@@ -95,7 +97,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-2000:]
+  # Not 0: a scheduler must not read a preempted run as finished. 75 says "resumable".
+  assert proc.returncode == train.EXIT_RESUMABLE == 75, err[-2000:]
   assert "(signal 15)" in out
   steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
   assert steps and max(steps) >= 5
