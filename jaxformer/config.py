@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2
   t.early_stopping_patience = 0   # evaluations without improvement before stopping; 0 = off
   t.nonfinite = "skip"        # skip | stop: what a NaN/Inf loss or gradient does
-  t.init_from = ""            # another run's workdir: fine-tune from its parameters
+  t.init_from = ""            # fine-tune from: another run's workdir, hf:gpt2 (-medium, -large, -xl) or a GPT-2 folder
   t.num_samples = 3           # samples printed at the end of a run
   t.sample_tokens = 200
   t.profile_steps = ""        # "START,END": a JAX profiler trace of those steps in WORKDIR/profile

@@ -33,6 +33,7 @@ import optax
 from jaxformer import checkpoint
 from jaxformer import config as config_lib
 from jaxformer import data as data_lib
+from jaxformer import hf
 from jaxformer import metrics as metrics_lib
 from jaxformer import model as model_lib
 from jaxformer import optim
@@ -237,14 +238,31 @@ def model_for(config, tokenizer, platform: str | None = None) -> model_lib.Trans
   return model_lib.Transformer(config_lib.model_config(config, V), config_lib.execution(config, platform))
 
 
-def _prepare_init_from(config, workdir: str) -> None:
-  """Fine-tuning uses the base run's tokenizer, so token ids mean the same thing."""
-  src = runs.tokenizer_path(config.train.init_from)
-  if not runs.exists(src):
-    raise ConfigError(f"train.init_from={config.train.init_from} has no tokenizer.json; point it at a trained run folder.")
+def hf_source(init_from: str) -> bool:
+  """Whether train.init_from names a GPT-2 checkpoint (hf:NAME, or a folder in the HF layout)."""
+  return hf.is_hf(init_from) or runs.exists(runs.join(init_from, hf.WEIGHTS))
+
+
+def _prepare_init_from(config, workdir: str):
+  """(config, HF folder or None): fine-tuning uses the base's tokenizer, so token ids mean the
+  same thing; from a GPT-2 checkpoint, its config.json sets the architecture too."""
+  init_from, folder = config.train.init_from, None
+  if hf_source(init_from):
+    folder = hf.resolve(init_from)
+    config = config_lib.apply_overrides(
+        config, {**hf.model_values(hf.read_config(folder)), "data.tokenizer": "bpe"}, "train.init_from")
+    config_lib.validate(config)
+    tok = hf.load_tokenizer(folder)
+  else:
+    src = runs.tokenizer_path(init_from)
+    if not runs.exists(src):
+      raise ConfigError(f"train.init_from={init_from} has no tokenizer.json; point it at a trained run folder, "
+                        "hf:gpt2 or a GPT-2 folder in the Hugging Face layout.")
+    tok = tokenizer_lib.load_tokenizer(src)
   dst = runs.tokenizer_path(workdir)
   if not runs.exists(dst) and jax.process_index() == 0:
-    runs.atomic_write(dst, tokenizer_lib.load_tokenizer(src).to_str())
+    runs.atomic_write(dst, tok.to_str())
+  return config, folder
 
 
 def check_init_from(init_from: str, model_cfg: model_lib.ModelConfig) -> None:
@@ -317,11 +335,12 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
 
 
 def _setup(config, workdir: str, lock: str | None, log: Callable) -> Run:
-  t, lead = config.train, jax.process_index() == 0
-  if t.init_from:
-    _prepare_init_from(config, workdir)
+  lead, hf_folder = jax.process_index() == 0, None
+  if config.train.init_from:
+    config, hf_folder = _prepare_init_from(config, workdir)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("base tokenizer copied")
+  t = config.train
 
   # Every process prepares the same tokenizer and data (one process per host builds the
   # cache, the others on that host wait for it); only process 0 writes run-folder files.
@@ -370,7 +389,10 @@ def _setup(config, workdir: str, lock: str | None, log: Callable) -> Run:
     log(f"resumed from step {start} in {workdir}")
   else:
     state, start = init_state(model, tx, shardings, config.seed), 0
-    if t.init_from:
+    if hf_folder:
+      state = state.replace(params=hf.load_params(hf_folder, model.cfg, abstract.params))
+      log(f"fine-tuning from {t.init_from} (GPT-2 weights, {hf_folder}) with a fresh optimizer")
+    elif t.init_from:
       check_init_from(t.init_from, model.cfg)
       params, _, base_step = checkpoint.restore_params(t.init_from, "latest", abstract.params)
       state = state.replace(params=params)

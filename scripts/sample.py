@@ -1,6 +1,6 @@
 """Write text with a trained run.
 
-python scripts/sample.py --workdir=DIR [--prompt=TEXT | --prompt_file=FILE] [--num_samples=N]
+python scripts/sample.py --workdir=DIR | --model=hf:gpt2|HF_FOLDER [--prompt=TEXT | --prompt_file=FILE] [--num_samples=N]
     [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S] [--checkpoint=latest|best|STEP]
     [--config.mesh.KEY=VALUE] [--config.distributed.KEY=VALUE]
 
@@ -13,10 +13,12 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxformer import checkpoint, cli, sampling, tokenizer as tokenizer_lib
+from jaxformer import checkpoint, cli, hf, sampling, tokenizer as tokenizer_lib
 from jaxformer.config import base_config
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder made by scripts/train.py.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder made by scripts/train.py.")
+_MODEL = flags.DEFINE_string("model", None, "Instead of a run: hf:gpt2 (hf:gpt2-medium, ...) or a GPT-2 folder in "
+                             "the Hugging Face layout (config.json, model.safetensors, tokenizer.json).")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (\"\" starts a new document).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Read the prompt from this file instead.")
 _NUM = flags.DEFINE_integer("num_samples", 3, "How many samples of the prompt.")
@@ -47,13 +49,19 @@ def main(argv):
     with open(_PROMPT_FILE.value, encoding="utf-8") as f:
       prompt = f.read()
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  _, model, params, tok, step, _ = checkpoint.load_run(_WORKDIR.value, _CHECKPOINT.value, overrides)
+  if (_WORKDIR.value is None) == (_MODEL.value is None):
+    raise cli.UsageError("give one of --workdir=RUN (a trained run) or --model=hf:gpt2 (or a GPT-2 folder).")
+  if _MODEL.value:
+    _, model, params, tok, _ = hf.load_model(_MODEL.value)
+    step = _MODEL.value
+  else:
+    _, model, params, tok, step, _ = checkpoint.load_run(_WORKDIR.value, _CHECKPOINT.value, overrides)
   tokenizer_lib.encode(tok, prompt)  # refuses characters a char tokenizer has never seen, naming them
   texts = sampling.sample_text(
       params, model, tok, [prompt] * _NUM.value, max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
   for i, text in enumerate(texts):
-    print(f"--- sample {i + 1} of {len(texts)} (step {step}) ---")
+    print(f"--- sample {i + 1} of {len(texts)} ({'step ' if isinstance(step, int) else ''}{step}) ---")
     print(prompt + text)
   print("---")
 
