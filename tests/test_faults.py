@@ -198,13 +198,13 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
 
 
 def test_kill_9_anywhere_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
-  args = lambda w, *extra: _train_args(w, tmp_path, "--config.train.steps=12", "--config.train.checkpoint_every=1",
-                                        "--config.train.eval_every=4", *extra)
+  args = lambda w, *extra: _train_args(w, tmp_path, "--config.train.steps=9", "--config.train.checkpoint_every=1",
+                                        "--config.train.eval_every=3", *extra)
   out = script("train.py", *args(tmp_path / "straight"))
   assert out.returncode == 0, out.stderr[-2000:]
   workdir = tmp_path / "killed"
-  # Killed after the 3rd and 8th logged step: every step checkpoints, so kills land mid-save too.
-  for lines in (3, 8):
+  # Killed after the 2nd and 6th logged step: every step checkpoints, so kills land mid-save too.
+  for lines in (2, 6):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py"), *args(workdir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 300
@@ -217,7 +217,7 @@ def test_kill_9_anywhere_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
   out = script("train.py", *args(workdir))
   assert out.returncode == 0 and "resumed from step" in out.stdout, out.stderr[-2000:]
   assert losses(workdir) == losses(tmp_path / "straight")
-  assert train_lines(workdir) == list(range(1, 13))
+  assert train_lines(workdir) == list(range(1, 10))
   assert_trees_equal(final_params(str(workdir)), final_params(str(tmp_path / "straight")))
 
 
