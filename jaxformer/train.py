@@ -325,12 +325,15 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
   config_lib.validate(config)
   sharding.set_cpu_devices(config)  # before anything starts JAX
   sharding.initialize_distributed(config.distributed)
+  new_folder = not runs.exists(workdir)
   lock = runs.acquire_lock(workdir, log) if jax.process_index() == 0 else None
   try:
     return _setup(config, workdir, lock, log)
   except BaseException:
     if lock:
       runs.release_lock(lock)
+      if new_folder:  # a start that failed leaves no folder behind (its data cache lives elsewhere)
+        runs.path(workdir).rmtree(missing_ok=True)
     raise
 
 
@@ -350,6 +353,9 @@ def _setup(config, workdir: str, lock: str | None, log: Callable) -> Run:
   model = model_for(config, data.tokenizer)
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy with V filled in
   config.model.vocab_size = model.cfg.vocab_size
+  if config.optim.warmup_steps >= t.steps and lead:
+    log(f"warning: optim.warmup_steps {config.optim.warmup_steps} >= train.steps {t.steps}: the learning rate "
+        f"never leaves warm-up and never reaches optim.lr; lower optim.warmup_steps.")
   if model.cfg.pos_encoding == "learned" and t.seq_len < model.cfg.max_len:
     log(f"warning: train.seq_len {t.seq_len} < model.max_len {model.cfg.max_len}: learned positions past "
         f"{t.seq_len} are never trained, and samples longer than that degrade.")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from jaxformer import checkpoint, metrics as metrics_lib, runs, train
+from jaxformer import checkpoint, config as config_lib, metrics as metrics_lib, runs, train
 from test_scripts import MICRO, ROOT, script
 from test_train import assert_trees_equal, final_params, losses, micro_config
 
@@ -263,3 +263,14 @@ def test_mfu_is_never_above_one_and_says_when_the_peak_was_contended():
   report.train({"train/loss": 1.0, "lr": 0.1, "grad_norm": 1.0}, 1)
   assert written[0]["mfu"] == 1.0 and written[0]["mfu_contended"] == 1.0
   assert any("clamped to 1" in m for m in logged), logged
+
+
+def test_a_failed_start_leaves_no_folder_and_a_warmup_past_the_end_is_a_warning(tmp_path):
+  c = micro_config(tmp_path / "cache", steps=4)
+  c.optim.warmup_steps = 4
+  c.mesh.data = 3  # 3 devices on a 1-device process: refused after the data is prepared
+  messages = []
+  with pytest.raises(config_lib.ConfigError, match="mesh"):
+    train.train_and_evaluate(c, str(tmp_path / "new"), log=messages.append)
+  assert not os.path.exists(tmp_path / "new")  # not even the tokenizer.json it had written
+  assert any("never leaves warm-up" in m for m in messages), messages
