@@ -215,14 +215,13 @@ def export(params, cfg: ModelConfig, tok: Tokenizer, out_dir: str) -> None:
 
 def load_model(source: str, mesh=None):
   """(config, model, params, tokenizer, mesh) of an HF GPT-2 (`hf:NAME` or a folder), ready to sample."""
-  from jaxformer import config as config_lib, model as model_lib, sharding  # the model imports this module's users
+  from jaxformer import checkpoint, config as config_lib, model as model_lib, sharding  # imported by train
   folder = resolve(source)
   config = config_lib.apply_overrides(config_lib.base_config(), {**model_values(read_config(folder)),
                                                                  "data.tokenizer": "bpe"}, source)
   model = model_lib.Transformer(config_lib.model_config(config), config_lib.execution(config))
   mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
-  abstract = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+  abstract = checkpoint.abstract_like(
       jax.eval_shape(lambda: model_lib.init_params(model.cfg, jax.random.key(0), model.ex)),
       sharding.param_shardings(model.cfg, mesh))
   return config, model, load_params(folder, model.cfg, abstract), load_tokenizer(folder), mesh
