@@ -81,7 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.valid_fraction = 0.1      # held out when the source has no validation split
   d.num_stories = 20000       # size of the built-in stories corpus (train + validation)
   d.stories_seed = 1234
-  d.tokenizer = "char"        # char | bpe
+  d.tokenizer = "char"        # char | bpe | byte (256 byte ids + EOT: any UTF-8 text, nothing to train)
+  # Characters a char tokenizer has never seen (in evaluation text, prompts, fine-tuning data):
+  # error = refuse, naming them; unk = map them to <|unk|> and report how many.
+  d.unknown_chars = "error"
   d.bpe_vocab_size = 5000
   d.cache_dir = ""            # "" = ~/.cache/jaxformer
   d.num_proc = 1              # processes for datasets.map tokenization
@@ -233,7 +236,9 @@ def validate(c) -> None:
         f"data.path is set ({c.data.path!r}) but data.source is {c.data.source!r}, which ignores it; "
         "set data.source=text to train on the file, or data.path='' to use the other source.")
   if c.data.tokenizer not in tokenizer_lib.KINDS:
-    raise ConfigError(f"data.tokenizer must be char or bpe, got {c.data.tokenizer!r}.")
+    raise ConfigError(f"data.tokenizer must be char, bpe or byte, got {c.data.tokenizer!r}.")
+  if c.data.unknown_chars not in tokenizer_lib.UNKNOWN_POLICIES:
+    raise ConfigError(f"data.unknown_chars must be error or unk, got {c.data.unknown_chars!r}.")
   if c.data.tokenizer == "bpe":
     try:
       tokenizer_lib.check_bpe_vocab_size(int(c.data.bpe_vocab_size))

@@ -2,7 +2,7 @@
 
 The run's tokenizer is always used (`load_data` takes `workdir/tokenizer.json`), so
 the numbers are the model's own: a char tokenizer meeting characters it has never
-seen is a DataError, not a silent remapping.
+seen is a DataError unless data.unknown_chars=unk maps them (the count is reported).
 """
 
 import math
@@ -12,7 +12,9 @@ import numpy as np
 from jaxformer import checkpoint
 from jaxformer import config as config_lib
 from jaxformer import data as data_lib
+from jaxformer import metrics
 from jaxformer import sharding
+from jaxformer import tokenizer
 from jaxformer import train
 from jaxformer.config import ConfigError
 
@@ -23,7 +25,7 @@ PLACEMENT = ("mesh.", "distributed.")
 
 
 def evaluate_run(workdir: str, which: str = "best", overrides: dict | None = None) -> dict:
-  """Loss, perplexity and tokens scored of checkpoint `which` (best | latest | a step) of `workdir`.
+  """Loss, perplexity, bits per byte and tokens scored of checkpoint `which` (best | latest | a step) of `workdir`.
 
   `overrides` ({"data.path": ..., "train.seq_len": ...}) change the data or the
   windows; with none, the batches are exactly the ones the run validated on.
@@ -47,14 +49,17 @@ def evaluate_run(workdir: str, which: str = "best", overrides: dict | None = Non
                                   seq_len=t.seq_len)
   eval_fn = train.eval_function(model, sharding.param_shardings(model.cfg, mesh), mesh)
   loss = train.evaluate(eval_fn, params, sharding.device_batches(valid.batches, mesh))
+  bytes_per_token = metrics.bytes_per_token(valid.batches, tokenizer.token_bytes(data.tokenizer))
   result = {
       "workdir": workdir, "checkpoint": which, "step": step, "loss": loss,
-      "perplexity": math.exp(min(loss, 50.0)),
+      "perplexity": math.exp(min(loss, 50.0)), "bpb": metrics.bits_per_byte(loss, bytes_per_token),
+      "bytes_per_token": bytes_per_token, "unknown_chars": data.manifest.get("unknown_chars", 0),
       "tokens": int(sum(float(np.sum(b["weights"])) for b in valid.batches)),
       "batches": len(valid.batches), "batch_size": t.batch_size, "seq_len": t.seq_len,
       "data": data_lib.describe_source(config.data),
   }
   if valid.entropy_floor is not None:
     result.update({"entropy_floor": valid.entropy_floor, "excess": loss - valid.entropy_floor,
+                   "bpb_floor": metrics.bits_per_byte(valid.entropy_floor, bytes_per_token),
                    "documents": valid.num_docs})
   return result

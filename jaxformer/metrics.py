@@ -197,6 +197,24 @@ def format_line(step: int, total: int, info: dict, eta_s: Optional[float] = None
   return " | ".join(parts)
 
 
+def bytes_per_token(batches: list[dict], token_bytes: np.ndarray) -> float:
+  """UTF-8 bytes of text per scored target over fixed (B, T) batches (`tokenizer.token_bytes`).
+
+  Each scored target counts the bytes of the text it stands for, so a character
+  split over several byte-level tokens is counted once, in pieces; EOT counts 0
+  bytes, but its loss stays in the numerator: where a document ends is part of
+  the text's information (and the stories' entropy floor includes it too).
+  """
+  tokens = sum(float(np.sum(b["weights"])) for b in batches)
+  nbytes = sum(float(np.sum(b["weights"] * token_bytes[b["targets"]])) for b in batches)
+  return nbytes / max(tokens, 1.0)
+
+
+def bits_per_byte(nats_per_token: float, bytes_per_token_: float) -> float:
+  """A loss in nats per token as bits per byte of the original text: comparable across tokenizers."""
+  return nats_per_token / (math.log(2) * bytes_per_token_) if bytes_per_token_ > 0 else math.nan
+
+
 def num_params(cfg: model_lib.ModelConfig) -> int:
   """Closed-form parameter count of the model; equals the count of `model.init_params`."""
   C, V, L, F = cfg.embed_dim, cfg.vocab_size, cfg.num_layers, cfg.mlp_ratio * cfg.embed_dim

@@ -35,6 +35,7 @@ import numpy as np
 from jaxformer import metrics
 from jaxformer.config import round_up
 from jaxformer import model as model_lib
+from jaxformer import tokenizer as tokenizer_lib
 from jaxformer.tokenizer import EOT
 
 
@@ -284,10 +285,11 @@ def decode_rows(tokenizer, tokens, prompt_lens, lengths, eos_id: Optional[int]) 
 
 def sample_text(params, model: model_lib.Transformer, tokenizer, prompts: Sequence[str], *,
                 max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95,
-                seed: int = 0, buffer_len: Optional[int] = None) -> list[str]:
+                seed: int = 0, buffer_len: Optional[int] = None, unknown_chars: str = "error") -> list[str]:
   """Continues each prompt; returns the new text only, without the prompt or EOS.
 
-  `tokenizer` is an HF `tokenizers.Tokenizer`. An empty prompt starts from the
+  `tokenizer` is an HF `tokenizers.Tokenizer`; characters a char tokenizer has
+  never seen are refused, or with unknown_chars="unk" read as <|unk|>. An empty prompt starts from the
   end-of-text token, as a document start does in training. Sample i uses the
   key fold_in(key(seed), i). The buffer is (max prompt + max_new_tokens)
   rounded up to a multiple of 64, so most prompt lengths share one compilation;
@@ -306,7 +308,7 @@ def sample_text(params, model: model_lib.Transformer, tokenizer, prompts: Sequen
         "use the tokenizer the model was trained with.")
   encoded = []
   for i, text in enumerate(prompts):
-    ids = tokenizer.encode(text).ids
+    ids = tokenizer_lib.encode(tokenizer, text, unknown_chars, what=f"prompt {i}" if len(prompts) > 1 else "the prompt")
     if not ids:
       if eos_id is None:
         raise SamplingError(f"prompt {i} is empty and the tokenizer has no {EOT} token to start from; "

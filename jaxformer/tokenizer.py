@@ -1,7 +1,8 @@
-"""Char-level and byte-level BPE tokenizers, as plain HF `tokenizers.Tokenizer`s.
+"""Char-level, byte-level BPE and plain byte tokenizers, as HF `tokenizers.Tokenizer`s.
 
-Both kinds carry one special token, `<|endoftext|>` (EOT), which the data
-pipeline places after every document. A tokenizer lives in one `tokenizer.json`
+Every kind carries the special token `<|endoftext|>` (EOT), which the data
+pipeline places after every document; char tokenizers also reserve `<|unk|>`
+for characters outside their vocabulary (used only where data.unknown_chars=unk). A tokenizer lives in one `tokenizer.json`
 (HF format); its `fingerprint` goes into data manifests and checkpoints so that
 token ids are never silently read with another vocabulary.
 """
@@ -13,8 +14,12 @@ import json
 from etils import epath
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import numpy as np
+
 EOT = "<|endoftext|>"
-KINDS = ("char", "bpe")
+UNK = "<|unk|>"
+KINDS = ("char", "bpe", "byte")
+UNKNOWN_POLICIES = ("error", "unk")
 
 
 class TokenizerError(ValueError):
@@ -35,10 +40,32 @@ def train_char(texts: Iterable[str]) -> Tokenizer:
     alphabet.update(text)
   vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
   vocab[EOT] = len(vocab)
-  # No unk token in the vocab: an unseen character is an error, never a silent id.
-  tok = Tokenizer(models.WordLevel(vocab))
+  vocab[UNK] = len(vocab)
+  # `encode` refuses unseen characters unless asked to map them, so UNK is never a silent id.
+  tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
   tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
   tok.decoder = decoders.Fuse()
+  tok.add_special_tokens([EOT, UNK])
+  return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's printable stand-in character for each byte (what ByteLevel pre-tokenizes to)."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  moved = [b for b in range(256) if b not in keep]
+  return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def byte_tokenizer() -> Tokenizer:
+  """Token id = UTF-8 byte value (0..255), EOT = 256: any text, nothing to train.
+
+  A BPE model with no merges over GPT-2's byte alphabet, so it shares the
+  ByteLevel decoding (and byte accounting) of the BPE kind.
+  """
+  vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
   tok.add_special_tokens([EOT])
   return tok
 
@@ -66,9 +93,44 @@ def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = True)
   return tok
 
 
+def train_tokenizer(kind_: str, texts: Iterable[str], bpe_vocab_size: int = 0) -> Tokenizer:
+  """A tokenizer of kind `kind_` (KINDS) for `texts` (the byte tokenizer reads none)."""
+  if kind_ == "char":
+    return train_char(texts)
+  if kind_ == "bpe":
+    return train_bpe(texts, bpe_vocab_size)
+  return byte_tokenizer()
+
+
 def kind(tok: Tokenizer) -> str:
-  """"char" or "bpe", read off the tokenizer's model."""
-  return "char" if isinstance(tok.model, models.WordLevel) else "bpe"
+  """"char", "bpe" or "byte", read off the tokenizer's model."""
+  if isinstance(tok.model, models.WordLevel):
+    return "char"
+  # A trained BPE gives EOT id 0 (special tokens first); the byte tokenizer gives it 256.
+  return "byte" if vocab_size(tok) == 257 and tok.token_to_id(EOT) == 256 else "bpe"
+
+
+def unk_id(tok: Tokenizer) -> int | None:
+  """The id unknown characters map to (char tokenizers from before `<|unk|>` have none)."""
+  return tok.token_to_id(UNK)
+
+
+def token_bytes(tok: Tokenizer) -> np.ndarray:
+  """(V,) int64: how many bytes of UTF-8 text each token id stands for.
+
+  Special tokens (EOT) stand for no text: 0 bytes. `<|unk|>` stands for one
+  character of unknown width; it counts 1 byte. Byte-level tokens are written
+  in GPT-2's one-character-per-byte alphabet, so their length is their bytes.
+  """
+  special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+  char_kind = kind(tok) == "char"
+  out = np.zeros(vocab_size(tok), np.int64)
+  for token, i in tok.get_vocab(with_added_tokens=True).items():
+    if token == UNK:
+      out[i] = 1
+    elif token not in special:
+      out[i] = len(token.encode("utf-8")) if char_kind else len(token)
+  return out
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -109,14 +171,28 @@ def unseen_chars(tok: Tokenizer, text: str) -> list[str]:
   return sorted(ch for ch in set(text.replace(EOT, "")) if ch not in vocab)
 
 
-def encode(tok: Tokenizer, text: str) -> list[int]:
-  """Token ids of `text`; a literal `<|endoftext|>` becomes the EOT token."""
-  missing = unseen_chars(tok, text)
-  if missing:
-    listed = ", ".join(repr(ch) for ch in missing)
+def check_unknown(tok: Tokenizer, missing: list[str], unknown: str, what: str) -> None:
+  """Refuses characters outside a char vocabulary unless `unknown` is "unk" and there is an id for them."""
+  if not missing:
+    return
+  listed = ", ".join(repr(ch) for ch in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+  if unknown != "unk":
     raise TokenizerError(
-        f"the prompt contains characters the char tokenizer has never seen: {listed}; "
-        "use only characters from the training text or train with data.tokenizer=bpe.")
+        f"{what} holds characters the run's char tokenizer has never seen: {listed}; pass "
+        "--config.data.unknown_chars=unk to map them to <|unk|>, or train with data.tokenizer=byte or bpe.")
+  if unk_id(tok) is None:
+    raise TokenizerError(
+        f"{what} holds characters the run's char tokenizer has never seen ({listed}), and this tokenizer "
+        f"predates {UNK} so cannot map them; remove them from the text, or train a new run.")
+
+
+def encode(tok: Tokenizer, text: str, unknown: str = "error", what: str = "the prompt") -> list[int]:
+  """Token ids of `text`; a literal `<|endoftext|>` becomes EOT.
+
+  Characters a char tokenizer has never seen are refused naming them, or with
+  `unknown="unk"` become `<|unk|>`.
+  """
+  check_unknown(tok, unseen_chars(tok, text), unknown, what)
   return tok.encode(text, add_special_tokens=False).ids
 
 

@@ -292,11 +292,13 @@ class Run:
   start: int
   valid_batches: list
   entropy_floor: float | None
+  bytes_per_token: float     # UTF-8 bytes per scored validation token, for bits per byte
   checkpoints: Any           # CheckpointManager of checkpoints/
   best: Any                  # CheckpointManager of best/
   meta: dict                 # written with every checkpoint
   stopping: "EarlyStopping"
   lock: str | None = None    # train.lock, held by process 0
+  timing: dict = dataclasses.field(default_factory=dict)  # seconds: data (tokenizer + token cache), setup
 
 
 @dataclasses.dataclass
@@ -327,8 +329,11 @@ def setup(config, workdir: str, log: Callable = print) -> Run:
   sharding.initialize_distributed(config.distributed)
   new_folder = not runs.exists(workdir)
   lock = runs.acquire_lock(workdir, log) if jax.process_index() == 0 else None
+  start = time.perf_counter()
   try:
-    return _setup(config, workdir, lock, log)
+    run = _setup(config, workdir, lock, log)
+    run.timing["setup_s"] = time.perf_counter() - start
+    return run
   except BaseException:
     if lock:
       runs.release_lock(lock)
@@ -347,7 +352,13 @@ def _setup(config, workdir: str, lock: str | None, log: Callable) -> Run:
 
   # Every process prepares the same tokenizer and data (one process per host builds the
   # cache, the others on that host wait for it); only process 0 writes run-folder files.
+  data_start = time.perf_counter()
   data = data_lib.load_data(config.data, workdir, t.seq_len, save_tokenizer=lead)
+  data_s = time.perf_counter() - data_start
+  if lead:
+    unknown = data.manifest.get("unknown_chars", 0)
+    log(f"data ready in {data_s:.1f} s (tokenizer and token cache: {data.manifest['cache_dir']})"
+        + (f"; {unknown} unknown characters written as <|unk|>" if unknown else ""))
   agree_across_processes(tokenizer_lib.fingerprint(data.tokenizer), "the tokenizer",
                          "give every host the same data and data.* settings.")
   model = model_for(config, data.tokenizer)
@@ -421,7 +432,8 @@ def _setup(config, workdir: str, lock: str | None, log: Callable) -> Run:
              step_fn=step_fn,
              eval_fn=eval_fn, state=state, start=start, valid_batches=valid_batches,
              entropy_floor=valid.entropy_floor, checkpoints=ckpts, best=best, meta=meta, stopping=stopping,
-             lock=lock)
+             bytes_per_token=metrics_lib.bytes_per_token(valid.batches, tokenizer_lib.token_bytes(data.tokenizer)),
+             lock=lock, timing={"data_s": data_s})
 
 
 def drop_later_best(best, start: int, log: Callable) -> None:
@@ -464,9 +476,11 @@ def save_checkpoint(run: Run, step: int, best: bool = False, log: Callable = pri
 def run_evaluation(run: Run, step: int) -> dict:
   """Validation loss (and on stories the entropy floor) of the current parameters."""
   loss = evaluate(run.eval_fn, run.state.params, run.valid_batches)
-  info = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+  info = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
+          "eval/bpb": metrics_lib.bits_per_byte(loss, run.bytes_per_token)}
   if run.entropy_floor is not None:
-    info.update({"eval/entropy_floor": run.entropy_floor, "eval/excess": loss - run.entropy_floor})
+    info.update({"eval/entropy_floor": run.entropy_floor, "eval/excess": loss - run.entropy_floor,
+                 "eval/bpb_floor": metrics_lib.bits_per_byte(run.entropy_floor, run.bytes_per_token)})
   return info
 
 
@@ -600,7 +614,10 @@ def write_summary(run: Run, **fields) -> dict:
   s = run.stopping
   summary = {"workdir": run.workdir, "steps": run.config.train.steps, "start_step": run.start,
              "best_eval_loss": s.best_loss if s.best_loss < math.inf else None, "best_step": s.best_step,
-             "entropy_floor": run.entropy_floor, "num_params": run.meta["num_params"], **fields}
+             "entropy_floor": run.entropy_floor, "num_params": run.meta["num_params"],
+             "valid_bytes_per_token": run.bytes_per_token, **fields}
+  if summary["best_eval_loss"] is not None:
+    summary["best_eval_bpb"] = metrics_lib.bits_per_byte(summary["best_eval_loss"], run.bytes_per_token)
   summary["tokens"] = summary.get("step", run.start) * run.config.train.batch_size * run.config.train.seq_len
   if run.lead:
     runs.write_json(runs.join(run.workdir, runs.SUMMARY), summary)
@@ -676,7 +693,7 @@ def _train(run: Run, log: Callable, stop_at: int | None) -> dict:
                     Throughput(run.start, t.batch_size * t.seq_len),
                     metrics_lib.flops_per_token(run.model.cfg, t.seq_len), peak, t.steps, t.log_every)
   profiler, signals = Profiler(run), StopSignals()
-  step, pending, eval_loss = run.start, None, None
+  step, pending, eval_loss, compile_s = run.start, None, None, None
   status, reason = "finished", "reached train.steps"
   wall_start = time.perf_counter()
   write_summary(run, status="running", stop_reason="", step=step)
@@ -687,7 +704,10 @@ def _train(run: Run, log: Callable, stop_at: int | None) -> dict:
         reason = f"signal {signals.signal}" if signals.signal is not None else f"stopped at step {step}"
         break
       profiler.at(step, run.state)
+      step_start = time.perf_counter()
       run.state, metrics = run.step_fn(run.state, get_batch(run, step))
+      if compile_s is None:  # the first call compiles before it dispatches
+        compile_s = time.perf_counter() - step_start
       step += 1
       report.progress.update(step, {}, n=1)
       if pending is not None:  # step n-1's metrics, fetched once step n is dispatched
@@ -730,7 +750,8 @@ def _train(run: Run, log: Callable, stop_at: int | None) -> dict:
     summary = write_summary(
         run, status=status, stop_reason=reason, step=step, wall_s=time.perf_counter() - wall_start,
         train_loss=float(last["train/loss"]) if last else None, eval_loss=eval_loss,
-        tokens_per_sec=report.tokens_per_sec, peak_flops=peak, peak_source=peak_source)
+        tokens_per_sec=report.tokens_per_sec, peak_flops=peak, peak_source=peak_source,
+        timing={**run.timing, "compile_s": compile_s})  # wall_s: the training loop, compile included
   return summary
 
 
@@ -776,8 +797,14 @@ def quiet_storage_errors(workdir: str, err: BaseException) -> str:
 
 def summary_line(s: dict) -> str:
   parts = [f"done: {s['step']} steps ({s['stop_reason']}) in {s['wall_s']:.0f} s"]
+  timing = s.get("timing") or {}
+  if timing.get("compile_s") is not None:
+    parts[0] += f" (compiling {timing['compile_s']:.0f} s)"
+  if timing.get("data_s") is not None:
+    parts.append(f"data preparation {timing['data_s']:.0f} s, set-up {timing['setup_s']:.0f} s before that")
   if s.get("eval_loss") is not None:
-    parts.append(f"validation loss {s['eval_loss']:.4f}")
+    bpb = metrics_lib.bits_per_byte(s["eval_loss"], s.get("valid_bytes_per_token", 0.0))
+    parts.append(f"validation loss {s['eval_loss']:.4f} ({bpb:.4f} bits per byte)")
   if s.get("entropy_floor") is not None and s.get("eval_loss") is not None:
     parts.append(f"entropy floor {s['entropy_floor']:.4f} (excess {s['eval_loss'] - s['entropy_floor']:.4f})")
   parts.append(f"run folder {s['workdir']}")

@@ -2,7 +2,7 @@
 
 python scripts/sample.py --workdir=DIR | --model=hf:gpt2|HF_FOLDER [--prompt=TEXT | --prompt_file=FILE] [--num_samples=N]
     [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S] [--checkpoint=latest|best|STEP]
-    [--config.mesh.KEY=VALUE] [--config.distributed.KEY=VALUE]
+    [--config.mesh.KEY=VALUE] [--config.distributed.KEY=VALUE] [--config.data.unknown_chars=error|unk]
 
 temperature=0 is greedy; top_k=0 and top_p=1.0 switch those filters off. An empty
 prompt starts from the end-of-text token, as a new document does in training.
@@ -29,10 +29,11 @@ _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus: keep the smallest set with 
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed and flags give the same text.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
 flags.register_validator(_CHECKPOINT, cli.is_checkpoint, message=cli.CHECKPOINT_HELP)  # before any work
-# Only the fields given on the command line are used: where to load the run (mesh.*, distributed.*).
+# Only the fields given on the command line are used: where to load the run (mesh.*, distributed.*)
+# and what to do with prompt characters a char tokenizer has never seen (data.unknown_chars).
 with cli.flag_errors():  # ml_collections reads the --config.KEY overrides here
   _CONFIG = config_flags.DEFINE_config_dict("config", base_config(), "Overrides: --config.mesh.*, "
-                                            "--config.distributed.* (many hosts).")
+                                            "--config.distributed.* (many hosts), --config.data.unknown_chars=unk.")
 
 
 def main(argv):
@@ -49,17 +50,25 @@ def main(argv):
     with open(_PROMPT_FILE.value, encoding="utf-8") as f:
       prompt = f.read()
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  unknown = overrides.pop("data.unknown_chars", None)
   if (_WORKDIR.value is None) == (_MODEL.value is None):
     raise cli.UsageError("give one of --workdir=RUN (a trained run) or --model=hf:gpt2 (or a GPT-2 folder).")
   if _MODEL.value:
-    _, model, params, tok, _ = hf.load_model(_MODEL.value)
+    config, model, params, tok, _ = hf.load_model(_MODEL.value)
     step = _MODEL.value
   else:
-    _, model, params, tok, step, _ = checkpoint.load_run(_WORKDIR.value, _CHECKPOINT.value, overrides)
-  tokenizer_lib.encode(tok, prompt)  # refuses characters a char tokenizer has never seen, naming them
+    config, model, params, tok, step, _ = checkpoint.load_run(_WORKDIR.value, _CHECKPOINT.value, overrides)
+  unknown = unknown or config.data.unknown_chars  # the flag, else the run's own policy
+  if unknown not in tokenizer_lib.UNKNOWN_POLICIES:
+    raise cli.UsageError(f"--config.data.unknown_chars={unknown}: use error or unk.")
+  mapped = len(tokenizer_lib.unseen_chars(tok, prompt))
   texts = sampling.sample_text(
       params, model, tok, [prompt] * _NUM.value, max_new_tokens=_MAX_NEW.value,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+      unknown_chars=unknown)
+  if mapped:
+    print(f"note: {sum(prompt.count(ch) for ch in tokenizer_lib.unseen_chars(tok, prompt))} prompt characters "
+          "the tokenizer has never seen were read as <|unk|>.")
   for i, text in enumerate(texts):
     print(f"--- sample {i + 1} of {len(texts)} ({'step ' if isinstance(step, int) else ''}{step}) ---")
     print(prompt + text)

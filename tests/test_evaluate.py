@@ -1,6 +1,7 @@
 """Evaluation of a trained run: the trainer's own numbers back, other corpora, errors; its attention plot."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,6 +43,12 @@ def test_evaluate_gives_back_the_trainers_validation_loss(run_dir):
   assert latest["excess"] == pytest.approx(evals[6]["eval/excess"], abs=1e-6)
   assert latest["perplexity"] == pytest.approx(evals[6]["eval/perplexity"], rel=1e-6)
   assert latest["tokens"] > 0 and latest["batches"] == 2
+  # Bits per byte: the same nats over the text's UTF-8 bytes (stories are ASCII: a byte per character,
+  # EOT none), and the trainer logged the same.
+  assert 0.9 < latest["bytes_per_token"] < 1.0
+  assert latest["bpb"] == pytest.approx(latest["loss"] / (math.log(2) * latest["bytes_per_token"]), rel=1e-12)
+  assert latest["bpb"] == pytest.approx(evals[6]["eval/bpb"], rel=1e-6)
+  assert latest["bpb_floor"] == pytest.approx(evals[6]["eval/bpb_floor"], rel=1e-9)
   step3 = evaluate.evaluate_run(run_dir, "3")
   assert step3["loss"] == pytest.approx(evals[3]["eval/loss"], abs=1e-6)
   best = evaluate.evaluate_run(run_dir, "best")
@@ -64,10 +71,18 @@ def test_evaluate_with_other_windows_and_on_another_corpus(run_dir, tmp_path):
   text.write_text("Sam was a gentle boy who lived in a quiet town. He loved to read books. " * 40)
   other = evaluate.evaluate_run(run_dir, "latest", {"data.source": "text", "data.path": str(text)})
   assert other["data"]["kind"] == "text" and "entropy_floor" not in other and other["loss"] > 0
-  # ...and a character it has never seen is a clear DataError, not a silent remapping.
+  # ...and a character it has never seen is a clear DataError, not a silent remapping...
   (tmp_path / "odd.txt").write_text("Sam was a gentle boy. § ¶ ~ " * 40)
-  with pytest.raises(DataError, match="characters the run's char tokenizer has never seen"):
-    evaluate.evaluate_run(run_dir, "latest", {"data.source": "text", "data.path": str(tmp_path / "odd.txt")})
+  odd = {"data.source": "text", "data.path": str(tmp_path / "odd.txt")}
+  with pytest.raises(DataError, match="characters the run's char tokenizer has never seen: '~', '§', '¶'; "
+                                      "pass --config.data.unknown_chars=unk"):
+    evaluate.evaluate_run(run_dir, "latest", odd)
+  # ...unless asked to map them to <|unk|>: then it scores the text and says how many it mapped.
+  mapped = evaluate.evaluate_run(run_dir, "latest", {**odd, "data.unknown_chars": "unk"})
+  assert mapped["unknown_chars"] == 3 * 40 and mapped["loss"] > 0
+  # The cache that holds <|unk|> ids is not read under the refusing policy.
+  with pytest.raises(DataError, match="holds 120 characters the run's char tokenizer has never seen"):
+    evaluate.evaluate_run(run_dir, "latest", odd)
 
 
 def test_evaluate_errors(run_dir, tmp_path):

@@ -1,6 +1,11 @@
-"""Char and byte-level BPE tokenizers: round trips, refusals, save/load, fingerprints."""
+"""Char, byte-level BPE and byte tokenizers: round trips, refusals, unknown characters, byte accounting."""
 
+import math
+
+import numpy as np
 import pytest
+
+from jaxformer import metrics
 
 from jaxformer import runs
 from jaxformer import tokenizer as tk
@@ -20,10 +25,10 @@ def test_char_round_trips_whitespace_exactly():
   assert len(tk.encode(tok, "  \n\n")) == 4  # one token per character
 
 
-def test_char_vocab_is_sorted_alphabet_then_eot():
+def test_char_vocab_is_sorted_alphabet_then_eot_and_unk():
   tok = tk.train_char(["cab\n", "ba c"])
-  assert tk.vocab_size(tok) == 5 + 1
-  assert tk.eot_id(tok) == 5
+  assert tk.vocab_size(tok) == 5 + 2
+  assert tk.eot_id(tok) == 5 and tk.unk_id(tok) == 6
   assert tk.encode(tok, "\n abc") == [0, 1, 2, 3, 4]
   assert tk.encode(tok, "a<|endoftext|>") == [2, 5]
   assert tk.kind(tok) == "char"
@@ -43,7 +48,67 @@ def test_char_refuses_unseen_characters_and_lists_them():
     tk.encode(tok, "hello @ Zorld Z")
   msg = str(e.value)
   assert "'@', 'Z'" in msg
-  assert "never seen" in msg and "data.tokenizer=bpe" in msg
+  assert "never seen" in msg and "data.unknown_chars=unk" in msg and "data.tokenizer=byte or bpe" in msg
+
+
+def test_unknown_characters_map_to_unk_only_when_asked():
+  tok = tk.train_char(["hello world"])
+  ids = tk.encode(tok, "hello @ Zorld Z", unknown="unk")
+  assert ids.count(tk.unk_id(tok)) == 3 and len(ids) == len("hello @ Zorld Z")
+  assert tk.decode(tok, ids[:5]) == "hello"
+  # A char tokenizer from before <|unk|> cannot map them, and says so.
+  old = tk.Tokenizer.from_str(tk.train_char(["hello world"]).to_str().replace(tk.UNK, "<|gone|>"))
+  old.model = tk.models.WordLevel({ch: i for ch, i in old.get_vocab().items() if ch != "<|gone|>"})
+  assert tk.unk_id(old) is None
+  with pytest.raises(tk.TokenizerError, match="predates <\\|unk\\|>"):
+    tk.encode(old, "hello @", unknown="unk")
+
+
+MULTI_BYTE = "naïve café — “quotes” 🙂 日本語, and plain ASCII.\n"
+
+
+def test_byte_tokenizer_ids_are_the_utf8_bytes():
+  tok = tk.byte_tokenizer()
+  assert (tk.kind(tok), tk.vocab_size(tok), tk.eot_id(tok)) == ("byte", 257, 256)
+  ids = tk.encode(tok, MULTI_BYTE + "<|endoftext|>x")
+  assert ids == list(MULTI_BYTE.encode("utf-8")) + [256, ord("x")]
+  assert tk.decode(tok, ids) == MULTI_BYTE + "<|endoftext|>x"
+  assert tk.kind(tk.train_bpe(CORPUS, 257, show_progress=False)) == "bpe"  # same size, EOT first: not "byte"
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "byte"])
+def test_token_bytes_add_up_to_the_texts_utf8_bytes(kind):
+  tok = tk.train_tokenizer(kind, CORPUS + [MULTI_BYTE, TRICKY], 300)
+  table = tk.token_bytes(tok)
+  assert table.shape == (tk.vocab_size(tok),) and table[tk.eot_id(tok)] == 0
+  for text in (MULTI_BYTE, TRICKY, CORPUS[1]):
+    ids = tk.encode(tok, text + "<|endoftext|>")
+    # Every scored token counts the bytes it stands for; a character split over byte tokens counts once.
+    assert int(table[ids].sum()) == len(text.encode("utf-8"))
+  if kind == "char":
+    assert table[tk.encode(tok, "🙂")[0]] == 4 and table[tk.encode(tok, "é")[0]] == 2
+
+
+def test_bits_per_byte_of_known_distributions():
+  text = MULTI_BYTE * 3
+  byte = tk.byte_tokenizer()
+  ids = np.array(tk.encode(byte, text), np.int32)[None, :]
+  batch = {"targets": ids, "weights": np.ones(ids.shape, np.float32)}
+  per_token = metrics.bytes_per_token([batch], tk.token_bytes(byte))
+  assert per_token == 1.0
+  # A model uniform over the 256 byte values spends exactly 8 bits on every byte.
+  assert metrics.bits_per_byte(math.log(256), per_token) == pytest.approx(8.0, abs=1e-12)
+  # The same text as characters: fewer tokens, same bytes; a uniform model over the 20 distinct
+  # characters costs log2(20) bits per character, i.e. per byte that / (bytes per character).
+  char = tk.train_char([text])
+  cids = np.array(tk.encode(char, text), np.int32)[None, :]
+  padded = {"targets": np.concatenate([cids, np.zeros_like(cids)]),  # a padding row, weight 0: not counted
+            "weights": np.concatenate([np.ones(cids.shape, np.float32), np.zeros(cids.shape, np.float32)])}
+  per_char = metrics.bytes_per_token([padded], tk.token_bytes(char))
+  assert per_char == pytest.approx(len(text.encode("utf-8")) / len(text), abs=1e-12)
+  n = len(set(text))
+  assert metrics.bits_per_byte(math.log(n), per_char) == pytest.approx(
+      math.log2(n) * len(text) / len(text.encode("utf-8")), abs=1e-12)
 
 
 def test_bpe_round_trips_any_text():

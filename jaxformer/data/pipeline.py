@@ -59,10 +59,9 @@ def _token_dtype(vocab_size: int):
 
 
 def _train_tokenizer(data_config, source: sources.Source) -> tokenizers.Tokenizer:
-  if data_config.tokenizer == "char":
-    # Both splits' characters: validation text may hold a character training lacks.
-    return tokenizer_lib.train_char(source.train + source.valid)
-  return tokenizer_lib.train_bpe(source.train, int(data_config.bpe_vocab_size))
+  # A char vocabulary takes both splits' characters: validation text may hold one training lacks.
+  texts = source.train + source.valid if data_config.tokenizer == "char" else source.train
+  return tokenizer_lib.train_tokenizer(data_config.tokenizer, texts, int(data_config.bpe_vocab_size))
 
 
 def get_tokenizer(data_config, workdir: str | None, description: dict, get_source,
@@ -175,23 +174,25 @@ def tokenize_to_file(tok: tokenizers.Tokenizer, docs: list[str], path: str, *, n
   return np.add.reduceat(piece_lengths, np.array(first_piece, np.int64))
 
 
-def _check_chars(tok: tokenizers.Tokenizer, source: sources.Source) -> None:
-  """A char tokenizer from an earlier run may lack characters of this source's text."""
+def _check_chars(tok: tokenizers.Tokenizer, source: sources.Source, unknown: str) -> int:
+  """Characters of this text that a char tokenizer from an earlier run lacks: refused, or counted for <|unk|>."""
   if tokenizer_lib.kind(tok) != "char":
-    return
+    return 0
   chars = set()
   for doc in source.train + source.valid:
     chars.update(doc)
   missing = tokenizer_lib.unseen_chars(tok, "".join(sorted(chars)))
-  if missing:
-    raise DataError(
-        f"the text holds characters the run's char tokenizer has never seen: {', '.join(map(repr, missing))}; "
-        "train a new tokenizer (use a fresh --workdir) or use data.tokenizer=bpe.")
+  try:
+    tokenizer_lib.check_unknown(tok, missing, unknown, "the text")
+  except tokenizer_lib.TokenizerError as err:
+    raise DataError(str(err)) from None
+  return sum(doc.count(ch) for doc in source.train + source.valid for ch in missing)
 
 
-def build_cache(cache_dir: str, source: sources.Source, tok: tokenizers.Tokenizer, *, num_proc: int = 1) -> None:
+def build_cache(cache_dir: str, source: sources.Source, tok: tokenizers.Tokenizer, *, num_proc: int = 1,
+                unknown: str = "error") -> None:
   """Tokenizes both splits into `cache_dir`, atomically: all of it appears, or none."""
-  _check_chars(tok, source)
+  num_unknown = _check_chars(tok, source, unknown)
   parent = os.path.dirname(cache_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(cache_dir)}-")
@@ -209,6 +210,7 @@ def build_cache(cache_dir: str, source: sources.Source, tok: tokenizers.Tokenize
         "tokenizer": {"kind": tokenizer_lib.kind(tok), "fingerprint": tokenizer_lib.fingerprint(tok),
                       "vocab_size": vocab, "eot_id": tokenizer_lib.eot_id(tok)},
         "dtype": np.dtype(_token_dtype(vocab)).name,
+        "unknown_chars": num_unknown,  # characters written as <|unk|> (data.unknown_chars=unk)
         "splits": {
             name: {"documents": len(docs), "characters": sum(map(len, docs)), "tokens": int(lengths.sum())}
             for name, docs, lengths in (("train", source.train, train_lengths),
@@ -283,9 +285,14 @@ def load_data(data_config, workdir: str | None, seq_len: int, save_tokenizer: bo
     with host_lock(data_config, f"tokens-{os.path.basename(cache_dir)}"):
       manifest = read_manifest(cache_dir)
       if manifest is None:
-        build_cache(cache_dir, get_source(), tok, num_proc=int(data_config.num_proc))
+        build_cache(cache_dir, get_source(), tok, num_proc=int(data_config.num_proc),
+                    unknown=data_config.unknown_chars)
         manifest = read_manifest(cache_dir)
   check_manifest(manifest, fingerprint, cache_dir)
+  if manifest.get("unknown_chars", 0) and data_config.unknown_chars != "unk":  # a cache built under unk
+    raise DataError(f"the text holds {manifest['unknown_chars']} characters the run's char tokenizer has never "
+                    "seen; pass --config.data.unknown_chars=unk to map them to <|unk|>, or train with "
+                    "data.tokenizer=byte or bpe.")
 
   def load(name):
     return np.load(os.path.join(cache_dir, name), mmap_mode="r")
