@@ -60,12 +60,16 @@ def topology_devices(name: str) -> list:
                       "use e.g. v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x1 or v6e:2x2.") from None
 
 
+def real_vocab_size(config) -> int:
+  """The tokenizer's V without building the data: the BPE size, the byte alphabet or the stories' characters."""
+  return {"bpe": int(config.data.bpe_vocab_size), "byte": 257}.get(config.data.tokenizer, CHAR_VOCAB)
+
+
 def vocab_size(config) -> int:
-  """V without building the data: the config's, else the stories char vocabulary or the BPE size, padded."""
+  """The model's V: the config's, else the tokenizer's padded."""
   if config.model.vocab_size:
     return int(config.model.vocab_size)
-  real = int(config.data.bpe_vocab_size) if config.data.tokenizer == "bpe" else CHAR_VOCAB
-  return config_lib.padded_vocab_size(real, config.model.vocab_multiple)
+  return config_lib.padded_vocab_size(real_vocab_size(config), config.model.vocab_multiple)
 
 
 def _bytes_per_device(abstract_tree, sharding_tree) -> int:
@@ -132,7 +136,8 @@ def compile_train_step(config, devices) -> dict:
   micro = train.micro_batches(config, mesh)
   tx = optim.make_optimizer(config.optim, t.steps)
   abstract, shardings = train.state_shardings(model.cfg, tx, mesh, model.ex.param_dtype)
-  step_fn, _ = train.compile_steps(model, tx, optim.schedule(config.optim, t.steps), shardings, mesh, micro)
+  step_fn, _ = train.compile_steps(model, tx, optim.schedule(config.optim, t.steps), shardings, mesh, micro,
+                                   min(real_vocab_size(config), model.cfg.vocab_size))
   state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   B, T = t.batch_size, t.seq_len

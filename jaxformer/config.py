@@ -30,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   # --- model: the architecture of the guide (B, T, C, V, H, D = C // H): what a checkpoint is.
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 0            # 0: take it from the tokenizer, padded to vocab_multiple
-  m.vocab_multiple = 64       # padding V to a multiple of 64 gives faster matmuls
+  m.vocab_multiple = 64       # padding V to a multiple of 64 gives faster matmuls (padded ids are never scored)
+  m.scaled_residual_init = True  # GPT-2: the residual output projections ~ N(0, 0.02 / sqrt(2 * num_layers))
   m.num_layers = 4
   m.num_heads = 4
   m.embed_dim = 128           # C

@@ -47,7 +47,8 @@ def evaluate_run(workdir: str, which: str = "best", overrides: dict | None = Non
   data = data_lib.load_data(config.data, workdir, t.seq_len)
   valid = data_lib.validation_set(data, num_batches=config.data.num_valid_batches, batch_size=t.batch_size,
                                   seq_len=t.seq_len)
-  eval_fn = train.eval_function(model, sharding.param_shardings(model.cfg, mesh), mesh)
+  eval_fn = train.eval_function(model, sharding.param_shardings(model.cfg, mesh), mesh,
+                                tokenizer.vocab_size(data.tokenizer))
   loss = train.evaluate(eval_fn, params, sharding.device_batches(valid.batches, mesh))
   bytes_per_token = metrics.bytes_per_token(valid.batches, tokenizer.token_bytes(data.tokenizer))
   result = {

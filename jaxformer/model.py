@@ -354,6 +354,18 @@ def init_params(cfg: ModelConfig, rng: jax.Array, ex: Execution = Execution()):
   return nn.meta.unbox(Transformer(cfg, ex).init(rng, _dummy_tokens(cfg))["params"])
 
 
+def scale_residual_projections(params, num_layers: int):
+  """GPT-2's init: each block's two output projections (attention, MLP) scaled by 1/sqrt(2 * layers).
+
+  Each block adds both to the residual stream, so its variance then stays near
+  that of the embeddings however deep the stack is.
+  """
+  def scale(path, x):
+    names = [getattr(k, "key", "") for k in path]
+    return x / np.sqrt(2 * num_layers) if names[-2:] == ["proj", "kernel"] else x
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
 def param_axes(cfg: ModelConfig):
   """The logical axis names of every parameter, as a PartitionSpec tree (no computation)."""
   boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), _dummy_tokens(cfg)))

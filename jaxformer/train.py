@@ -60,15 +60,23 @@ class TrainState:
   rng: jax.Array         # (2,) uint32 raw key; step s draws dropout from fold_in(rng, s)
 
 
-def cross_entropy(logits, batch):
-  """Weighted mean next-token cross-entropy in float32, and its weight sum."""
+def cross_entropy(logits, batch, valid_vocab: int | None = None):
+  """Weighted mean next-token cross-entropy in float32, and its weight sum.
+
+  Ids from `valid_vocab` up are the model's padding (V rounded up for fast matmuls):
+  no text holds them, so they get no probability (and no gradient).
+  """
+  V = logits.shape[-1]
+  if valid_vocab is not None and valid_vocab < V:
+    logits = jnp.where(jnp.arange(V) < valid_vocab, logits, -jnp.inf)  # (B, T, V)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, T)
   w = batch["weights"]
   total = jnp.sum(w)
   return jnp.sum(ce * w) / jnp.maximum(total, 1.0), total
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, schedule, micro_batches: int):
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, micro_batches: int,
+               valid_vocab: int | None = None):
   """One optimizer step on a (B, T) batch, run as `micro_batches` sequential micro-batches.
 
   Micro-batch m takes rows m, m + M, ... (so each device's rows split evenly among
@@ -84,7 +92,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, micro_bat
   def loss_fn(params, micro):
     logits = model.apply({"params": params}, micro["inputs"], train=True, row_ids=micro["row_ids"],
                          rngs={"dropout": dropout_key})
-    return cross_entropy(logits, micro)[0]
+    return cross_entropy(logits, micro, valid_vocab)[0]
 
   mesh = model.ex.mesh
   # Gradients in their parameters' layout: under FSDP each device keeps (reduce-scatters) its
@@ -129,10 +137,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, micro_bat
                        opt_state=keep(opt_state, state.opt_state)), metrics
 
 
-def eval_step(params, batch, *, model):
+def eval_step(params, batch, *, model, valid_vocab: int | None = None):
   """(sum of weighted cross-entropy, sum of weights) for one (B, T) batch."""
   logits = model.apply({"params": params}, batch["inputs"])
-  loss, total = cross_entropy(logits, batch)
+  loss, total = cross_entropy(logits, batch, valid_vocab)
   return loss * total, total
 
 
@@ -187,32 +195,37 @@ def state_shardings(model_cfg, tx, mesh, param_dtype="float32"):
   return abstract, shardings
 
 
-def init_state(model, tx, shardings, seed: int) -> TrainState:
+def init_state(model, tx, shardings, seed: int, scaled_residual_init: bool = True) -> TrainState:
   """Created already sharded: no device ever holds the whole unsharded model."""
   def init():
     rng = jax.random.PRNGKey(seed)
     params = model_lib.init_params(model.cfg, jax.random.fold_in(rng, 1), model.ex)
+    if scaled_residual_init:
+      params = model_lib.scale_residual_projections(params, model.cfg.num_layers)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
   return jax.jit(init, out_shardings=shardings)()
 
 
-def compile_steps(model, tx, schedule, shardings, mesh, micro: int):
+def compile_steps(model, tx, schedule, shardings, mesh, micro: int, valid_vocab: int | None = None):
   """The jit'd train step (state donated) and eval step, with their shardings.
+
+  `valid_vocab`: the tokenizer's V; the padded ids above it are never scored.
 
   Inside them the model knows the mesh: activations keep the layouts of sharding.RULES
   and per-device kernels run per device.
   """
   model = model.clone(ex=dataclasses.replace(model.ex, mesh=mesh, rules=sharding.RULES))
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, micro_batches=micro),
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, micro_batches=micro,
+                        valid_vocab=valid_vocab),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return step_fn, eval_function(model, shardings.params, mesh)
+  return step_fn, eval_function(model, shardings.params, mesh, valid_vocab)
 
 
-def eval_function(model, param_shardings, mesh) -> Callable:
+def eval_function(model, param_shardings, mesh, valid_vocab: int | None = None) -> Callable:
   """The jit'd eval step over the mesh: sharded params and batch in, replicated sums out."""
-  return jax.jit(functools.partial(eval_step, model=model),
+  return jax.jit(functools.partial(eval_step, model=model, valid_vocab=valid_vocab),
                  in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
@@ -381,7 +394,8 @@ def _setup(config, workdir: str, lock: str | None, log: Callable) -> Run:
   schedule = optim.schedule(config.optim, t.steps)
   tx = optim.make_optimizer(config.optim, t.steps)
   abstract, shardings = state_shardings(model.cfg, tx, mesh, model.ex.param_dtype)
-  step_fn, eval_fn = compile_steps(model, tx, schedule, shardings, mesh, micro)
+  step_fn, eval_fn = compile_steps(model, tx, schedule, shardings, mesh, micro,
+                                   tokenizer_lib.vocab_size(data.tokenizer))
 
   fingerprint = tokenizer_lib.fingerprint(data.tokenizer)
   meta = {"jax": jax.__version__, "flax": flax.__version__, "orbax": checkpoint.ocp.__version__,
@@ -405,7 +419,7 @@ def _setup(config, workdir: str, lock: str | None, log: Callable) -> Run:
     stopping.since_best = old_meta.get("evals_since_best", 0)
     log(f"resumed from step {start} in {workdir}")
   else:
-    state, start = init_state(model, tx, shardings, config.seed), 0
+    state, start = init_state(model, tx, shardings, config.seed, config.model.scaled_residual_init), 0
     if hf_folder:
       state = state.replace(params=hf.load_params(hf_folder, model.cfg, abstract.params))
       log(f"fine-tuning from {t.init_from} (GPT-2 weights, {hf_folder}) with a fresh optimizer")

@@ -295,3 +295,39 @@ def test_summary_at_every_stop_and_profiler_trace(cache, tmp_path):
   assert summary["tokens"] == 6 * 8 * 32 and summary["num_params"] > 0 and summary["wall_s"] > 0
   with pytest.raises(ConfigError, match="train.profile_steps must be 'START,END'"):
     config_lib.validate(micro_config(cache, profile_steps="5"))
+
+
+def test_scaled_residual_init_statistics():
+  """GPT-2's init: the two residual projections per block at 0.02 / sqrt(2 * layers), the rest at 0.02."""
+  cfg = model_lib.ModelConfig(vocab_size=64, num_layers=6, num_heads=4, embed_dim=128, mlp_ratio=4, max_len=16,
+                              pos_encoding="learned", rope_base=10000.0, sliding_window=0, activation="gelu",
+                              use_bias=True, tie_embeddings=True, ln_eps=1e-5)
+  model, tx = model_lib.Transformer(cfg), optax.sgd(0.1)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  _, shardings = train.state_shardings(cfg, tx, mesh)
+  for scaled in (True, False):
+    params = train.init_state(model, tx, shardings, 0, scaled_residual_init=scaled).params
+    flat = {"/".join(k.key for k in path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    residual = [v for k, v in flat.items() if k.endswith("proj/kernel")]
+    others = [v for k, v in flat.items() if k.endswith(("qkv/kernel", "fc/kernel", "embedding", "pos_embed"))]
+    assert len(residual) == 12 and len(others) == 14
+    want = 0.02 / math.sqrt(12) if scaled else 0.02
+    for v in residual:  # 65k draws each: the sample std is within 2% of the init's
+      assert np.std(v) == pytest.approx(want, rel=0.02) and abs(np.mean(v)) < 0.1 * want
+    for v in others:
+      assert np.std(v) == pytest.approx(0.02, rel=0.03)
+
+
+def test_padded_vocabulary_is_never_scored():
+  """Ids from the tokenizer's V up (the model's padding) get no probability and no gradient."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 128)).astype(np.float32)).at[..., 66:].add(3.0)
+  batch = {"targets": jnp.asarray(rng.integers(0, 66, size=(2, 5)), jnp.int32),
+           "weights": jnp.ones((2, 5), jnp.float32).at[1, 4].set(0.0)}
+  masked, total = train.cross_entropy(logits, batch, valid_vocab=66)
+  expect = optax.softmax_cross_entropy_with_integer_labels(logits[..., :66], batch["targets"])
+  assert float(total) == 9.0
+  assert float(masked) == pytest.approx(float(jnp.sum(expect * batch["weights"]) / 9.0), rel=1e-6)
+  assert float(train.cross_entropy(logits, batch)[0]) > float(masked) + 1.0  # unmasked, padding takes mass
+  grad = jax.grad(lambda x: train.cross_entropy(x, batch, valid_vocab=66)[0])(logits)
+  assert float(jnp.max(jnp.abs(grad[..., 66:]))) == 0.0 and float(jnp.max(jnp.abs(grad[..., :66]))) > 0.0
