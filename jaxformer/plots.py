@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer import checkpoint
+from jaxformer import kernels
 from jaxformer import model as model_lib
 from jaxformer import optim
 from jaxformer import runs
@@ -144,22 +145,62 @@ def plot_schedule(optim_cfg, total_steps: int, out: str) -> str:
   return _save(fig, out)
 
 
-def plot_positions(max_len: int, dim: int, out: str) -> str:
-  """The sinusoidal table PE (T_max, C) as an image, and a few of its columns as curves."""
+def plot_positions(model_cfg, out: str, learned_table: Optional[np.ndarray] = None) -> str:
+  """The model's own position encoding: the sinusoidal table, RoPE's rotations or a learned table.
+
+  sinusoidal: PE (T_max, C) and a few of its columns. rope: the angle pos * theta_i
+  each query/key channel pair turns by (as cos), and the wavelengths. learned: the
+  run's table (T_max, C) and the cosine similarity between positions.
+  """
   plt = _pyplot()
-  table = model_lib.sinusoidal_table(max_len, dim)  # (T_max, C)
+  T, C, encoding = model_cfg.max_len, model_cfg.embed_dim, model_cfg.pos_encoding
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-  image = left.imshow(table, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
-  left.set_xlabel("channel (even: sin, odd: cos)")
+  if encoding == "sinusoidal":
+    table = model_lib.sinusoidal_table(T, C)  # (T_max, C)
+    image = left.imshow(table, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    left.set_xlabel("channel (even: sin, odd: cos)")
+    left.set_title(f"sinusoidal positional encoding, T_max={T}, C={C}")
+    for d in sorted({2 * (C // 16), 2 * (C // 8), 2 * (C // 4), 2 * (3 * C // 8)}):
+      right.plot(table[:, d], label=f"channel {d}", linewidth=1)
+    right.set_xlabel("position")
+    right.set_title("low channels turn fast, high channels slowly")
+    right.legend(fontsize=7)
+  elif encoding == "rope":
+    D = model_cfg.head_dim
+    angles = np.asarray(kernels.attention.rope_angles(T, D, model_cfg.rope_base))  # (T_max, D/2)
+    image = left.imshow(np.cos(angles), aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    left.set_xlabel(f"channel pair i (channel i with i + {D // 2})")
+    left.set_title(f"RoPE: cos(pos * theta_i), D={D}, base={model_cfg.rope_base:g}")
+    wavelength = 2 * np.pi / angles[1]  # positions per full turn of each pair
+    right.semilogy(wavelength, marker=".", linewidth=1)
+    right.axhline(T, color="gray", linestyle="--", linewidth=1, label=f"T_max = {T}")
+    right.set_xlabel("channel pair i")
+    right.set_ylabel("wavelength (positions per turn)")
+    right.set_title("theta_i = base^(-2i/D): early pairs turn fast, late pairs slowly")
+    right.legend(fontsize=7)
+  else:
+    if learned_table is None:
+      raise ValueError("a learned position table exists only in a trained run; plot it with --workdir=RUN.")
+    table = np.asarray(learned_table, np.float32)  # (T_max, C)
+    limit = float(np.max(np.abs(table))) or 1.0
+    image = left.imshow(table, aspect="auto", cmap="RdBu", vmin=-limit, vmax=limit, interpolation="nearest")
+    left.set_xlabel("channel")
+    left.set_title(f"learned positional embeddings, T_max={T}, C={C}")
+    unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+    similarity = right.imshow(unit @ unit.T, cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    right.set_xlabel("position")
+    right.set_title("cosine similarity between positions")
+    fig.colorbar(similarity, ax=right)
   left.set_ylabel("position")
-  left.set_title(f"sinusoidal positional encoding, T_max={max_len}, C={dim}")
   fig.colorbar(image, ax=left)
-  for d in sorted({2 * (dim // 16), 2 * (dim // 8), 2 * (dim // 4), 2 * (3 * dim // 8)}):
-    right.plot(table[:, d], label=f"channel {d}", linewidth=1)
-  right.set_xlabel("position")
-  right.set_title("low channels turn fast, high channels slowly")
-  right.legend(fontsize=7)
   return _save(fig, out)
+
+
+def position_encoding(workdir: str, which: str = "best"):
+  """(ModelConfig, its learned (T_max, C) table or None) of checkpoint `which` of a trained run."""
+  _, model, params, *_ = checkpoint.load_run(workdir, which)
+  table = params.get("pos_embed")
+  return model.cfg, None if table is None else np.asarray(jax.device_get(table))
 
 
 # ---------------------------------------------------------------------------- attention

@@ -15,6 +15,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxformer import cli, plots, runs
+from jaxformer import config as config_lib
 
 COMMANDS = ("loss", "lr", "attention", "positions")
 _WORKDIR = flags.DEFINE_multi_string("workdir", [], "Run folder(s); repeat the flag or use a glob for several.")
@@ -23,7 +24,7 @@ _X = flags.DEFINE_enum("x", "step", plots.X_AXES, "loss: the x axis.")
 _LOG_Y = flags.DEFINE_bool("log_y", False, "loss: a logarithmic y axis.")
 _PROMPT = flags.DEFINE_string("prompt", "Sam was a gentle boy who lived in a quiet town.",
                               "attention: the text to look at.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "attention: best, latest or a step number.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "attention, positions: best, latest or a step number.")
 flags.register_validator(_CHECKPOINT, cli.is_checkpoint, message=cli.CHECKPOINT_HELP)  # before any work
 _OUT = flags.DEFINE_string("out", "", "The PNG to write.")
 
@@ -69,8 +70,14 @@ def main(argv):
     config = run_config(command)
     path = plots.plot_schedule(config.optim, config.train.steps, out)
   elif command == "positions":
-    m = run_config(command).model
-    path = plots.plot_positions(m.max_len, m.embed_dim, out)
+    if dirs:  # the run's own encoding: its learned table, RoPE's rotations or the sinusoidal table
+      model_cfg, table = plots.position_encoding(dirs[0], _CHECKPOINT.value)
+    else:
+      config = run_config(command)
+      if config.model.pos_encoding == "learned":
+        raise cli.UsageError("learned positions exist only in a trained run; pass --workdir=RUN instead of --config.")
+      model_cfg, table = config_lib.model_config(config, config.model.vocab_size or 1), None
+    path = plots.plot_positions(model_cfg, out, table)
   else:
     if len(dirs) != 1:
       raise cli.UsageError("plot.py attention needs exactly one --workdir=RUN.")

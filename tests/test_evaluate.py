@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxformer import checkpoint, evaluate, plots, runs, train
@@ -107,6 +108,15 @@ def test_evaluate_script_prints_one_json_object(run_dir):
   result = json.loads(out.stdout)
   assert result["step"] == 6 and result["batches"] == 1 and set(result) >= {"loss", "perplexity", "tokens",
                                                                              "entropy_floor", "excess"}
+
+
+def test_positions_plot_of_a_trained_run_shows_its_learned_table(run_dir, tmp_path):
+  model_cfg, table = plots.position_encoding(run_dir, "latest")
+  assert model_cfg.pos_encoding == "learned" and table.shape == (32, 32)
+  _, _, params, *_ = checkpoint.load_run(run_dir, "latest")
+  np.testing.assert_array_equal(table, np.asarray(params["pos_embed"]))  # the trained table, not an init
+  out = plots.plot_positions(model_cfg, str(tmp_path / "positions.png"), table)
+  assert os.path.getsize(out) > 1000
 
 
 def test_attention_plot_of_a_trained_run(run_dir, tmp_path):

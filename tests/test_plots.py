@@ -82,7 +82,11 @@ def test_every_plot_writes_a_png(tmp_path):
       plots.plot_losses([a, b], str(tmp_path / "loss.png"), x="tokens"),
       plots.plot_losses([a], str(tmp_path / "loss_time.png"), x="time", log_y=True),
       plots.plot_schedule(c.optim, 200, str(tmp_path / "lr.png")),
-      plots.plot_positions(64, 32, str(tmp_path / "positions.png")),
+      *(plots.plot_positions(model_lib.ModelConfig(
+          vocab_size=64, num_layers=2, num_heads=2, embed_dim=32, mlp_ratio=4, max_len=64, pos_encoding=encoding,
+          rope_base=10000.0, sliding_window=0, activation="gelu", use_bias=True, tie_embeddings=True, ln_eps=1e-5),
+          str(tmp_path / f"positions_{encoding}.png"), np.random.default_rng(0).normal(size=(64, 32)))
+        for encoding in ("sinusoidal", "rope", "learned")),
       plots.plot_attention(weights, ["<eot>", "a", "b", "·", "c"], str(tmp_path / "attention.png")),
       plots.plot_sweep(rows, ["model.activation", "optim.lr"], str(tmp_path / "nested" / "sweep.png")),
   ]
@@ -109,4 +113,10 @@ def test_plot_script(tmp_path):
   assert out.stdout.strip() == "wrote plots/loss.png" and os.path.getsize(tmp_path / "plots" / "loss.png") > 1000
   out = plot("positions", f"--workdir={tmp_path}")
   assert out.returncode == 1 and out.stderr.strip() == (
-      f"error: {tmp_path} has no config.json; point --workdir at a run folder made by scripts/train.py.")
+      f"error: {tmp_path} has no tokenizer.json; point --workdir at a run folder made by scripts/train.py.")
+  # Positions follow the run's encoding: a learned table exists only in a trained run.
+  out = plot("positions", f"--config={REPO}/configs/tiny.py", "--config.model.pos_encoding=rope")
+  assert out.returncode == 0 and out.stdout.strip() == "wrote plots/positions.png", out.stderr
+  out = plot("positions", f"--config={REPO}/configs/tiny.py", "--config.model.pos_encoding=learned")
+  assert out.returncode == 1 and out.stderr.strip() == (
+      "error: learned positions exist only in a trained run; pass --workdir=RUN instead of --config.")

@@ -468,3 +468,26 @@ def test_benchmark_generation_reports(model):
   assert stats["buffer_len"] == 64 and stats["window"] == MAX_LEN
   assert stats["compile_s"] > 0 and len(stats["run_s"]) == 2
   assert stats["tokens_per_s"] == pytest.approx(2 * 6 / stats["median_s"])
+
+
+def test_tie_rules_against_hf_warpers_on_one_tied_row():
+  """Where ties make our top-k/top-p keep other ids than HF transformers' warpers (README, Sampling).
+
+  HF's sets are what transformers 5.25's TopKLogitsWarper(2) and TopPLogitsWarper(0.5)
+  returned on these rows (run once beside the tests: torch is not a dependency);
+  the one-line rules below are theirs: top-k keeps every score >= the k-th largest,
+  top-p drops the ascending-sorted ids whose cumulative mass is <= 1 - p.
+  """
+  row = np.array([2.0, 1.0, 3.0, 3.0, 3.0, 0.0], np.float32)
+  hf_top_k = set(np.flatnonzero(row >= np.sort(row)[-2]).tolist())
+  assert hf_top_k == {2, 3, 4}  # every id tied at the 2nd value
+  ours = process(np.pad(row, (0, V - 6), constant_values=-9.0)[None], temperature=1.0, top_k=2, top_p=1.0)[0]
+  assert kept(ours) == {2, 3}  # exactly k, lower ids first
+
+  probs = np.array([0.3, 0.3, 0.3, 0.1])
+  ascending = np.argsort(probs, kind="stable")
+  hf_top_p = set(ascending[np.cumsum(probs[ascending]) > 1 - 0.5].tolist())
+  assert hf_top_p == {1, 2}  # the ids that come last in its ascending sort: the higher tied ids
+  logits = np.pad(np.log(probs).astype(np.float32), (0, V - 4), constant_values=-np.inf)[None]
+  ours = process(logits, temperature=1.0, top_k=0, top_p=0.5)[0]
+  assert kept(ours) == {0, 1}  # the same count, the lower tied ids
