@@ -272,9 +272,15 @@ def _numeric(values) -> bool:
 
 
 def plot_sweep(rows: list[dict], axes: list[str], out: str) -> str:
-  """Best validation loss against each swept axis; points that share the other axes' values are joined."""
+  """Best validation loss against each swept axis; points that share the other axes' values are joined.
+
+  Pruned trials (a row whose status starts with "pruned") are crosses at the loss they had
+  when stopped, never joined: that loss is not comparable with a finished run's.
+  """
   plt = _pyplot()
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
   scored = [r for r in rows if r.get("best_eval_loss") is not None]
+  is_pruned = lambda r: str(r.get("status", "")).startswith("pruned")
   names = runs.short_keys(axes)
   fig, panels = plt.subplots(1, max(len(axes), 1), figsize=(5 * max(len(axes), 1), 4), squeeze=False)
   for ax, axis in zip(panels[0], axes):
@@ -287,11 +293,18 @@ def plot_sweep(rows: list[dict], axes: list[str], out: str) -> str:
     groups = {}
     for r in scored:
       groups.setdefault(tuple(runs.format_value(r[a]) for a in others), []).append(r)
-    for key, members in sorted(groups.items()):
+    search = len(groups) > 10  # a random or TPE search: every trial its own group; one colour, unjoined
+    if search:
+      groups, others = {(): scored}, []
+    for i, (key, members) in enumerate(sorted(groups.items())):
       members = sorted(members, key=lambda r: position(r[axis]))
+      kept, pruned = [r for r in members if not is_pruned(r)], [r for r in members if is_pruned(r)]
       label = ",".join(f"{names[a]}={v}" for a, v in zip(others, key)) or None
-      ax.plot([position(r[axis]) for r in members], [r["best_eval_loss"] for r in members],
-              marker="o", linestyle="-" if len(members) > 1 else "none", label=label)
+      color = f"C{i % 10}"
+      ax.plot([position(r[axis]) for r in kept], [r["best_eval_loss"] for r in kept], color=color,
+              marker="o", linestyle="-" if len(kept) > 1 and not search else "none", label=label)
+      ax.plot([position(r[axis]) for r in pruned], [r["best_eval_loss"] for r in pruned], color=color,
+              marker="x", markersize=8, linestyle="none")
     if numeric and values and min(values) > 0 and max(values) >= 10 * min(values):
       ax.set_xscale("log")
     distinct = sorted(set(values)) if numeric else []
@@ -303,10 +316,15 @@ def plot_sweep(rows: list[dict], axes: list[str], out: str) -> str:
     ax.set_xlabel(names[axis])
     ax.set_ylabel("best validation loss")
     ax.grid(alpha=0.3)
-    if others and 1 < len(groups) <= 10:
-      ax.legend(fontsize=7)
+    handles = ax.get_legend_handles_labels()[0] if others and 1 < len(groups) <= 10 else []
+    if any(is_pruned(r) for r in scored):
+      handles.append(Line2D([], [], color="gray", marker="x", linestyle="none", label="pruned (loss when stopped)"))
+    if handles:
+      ax.legend(handles=handles, fontsize=7)
   if not axes:
     panels[0][0].set_axis_off()
-  fig.suptitle(f"{len(scored)} of {len(rows)} trials with a validation loss", fontsize=9)
+  n_pruned = sum(map(is_pruned, scored))
+  fig.suptitle(f"{len(scored)} of {len(rows)} trials with a validation loss"
+               + (f", {n_pruned} pruned" if n_pruned else ""), fontsize=9)
   fig.tight_layout()
   return _save(fig, out)

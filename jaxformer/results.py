@@ -1,7 +1,9 @@
 """Tables of runs: one row per run folder, as CSV and markdown (a sweep's report, the README's results).
 
-A row is a trial's axis values, then what runs.run_status reads from its folder.
-The figure of a sweep is plots.plot_sweep(rows, axes, out), drawn by the scripts.
+A row is a run's axis values, then what runs.run_status reads from its folder: for a sweep,
+one row per run folder of its Optuna study (`study_rows`), its status the trial's state; for
+scripts/results.py, one per sweep.Trial (`result_rows`). The figure of a sweep is
+plots.plot_sweep(rows, axes, out), drawn by the scripts.
 """
 
 import csv
@@ -27,6 +29,40 @@ def result_rows(trials, workdir: str) -> list[dict]:
     row["error"] = s["error"]
     rows.append(row)
   return rows
+
+
+# Optuna's trial states as the table says them.
+STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+DONE = ("finished", "complete")  # a run folder's word, a trial's word: rows that can win
+BEST_CONFIG = "best_config.json"
+
+
+def study_rows(trials, workdir: str) -> list[dict]:
+  """One row per run folder of a study's trials (Optuna FrozenTrials), in trial order.
+
+  A trial failed with its worker and retried, or one that drew values already trained, shares
+  its folder with another: the folder's row is the latest such trial that was not retried.
+  """
+  retried = {k for t in trials for k in t.system_attrs.get("retry_history", [])}
+  rows = {}
+  for t in trials:
+    name = t.user_attrs.get("name")
+    if name is None or t.number in retried:
+      continue
+    s = runs.run_status(os.path.join(workdir, name))
+    status = STATES.get(t.state.name, t.state.name.lower())
+    retries = len(t.system_attrs.get("retry_history", []))
+    row = {"trial": name, "number": t.number, **t.user_attrs.get("values", {}), **{k: s[k] for k in NUMBERS}}
+    row["status"] = status + (f" (retry {retries})" if retries else "")
+    row["error"] = (t.user_attrs.get("error") or s["error"]) if status == "failed" else ""
+    rows[name] = row
+  return list(rows.values())
+
+
+def best_row(rows: list[dict]) -> Optional[dict]:
+  """The finished row with the lowest best validation loss."""
+  done = [r for r in rows if r["status"].split()[0] in DONE and r["best_eval_loss"] is not None]
+  return min(done, key=lambda r: r["best_eval_loss"]) if done else None
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -62,8 +98,7 @@ def sweep_markdown(rows: list[dict], axes: list[str], title: str = "", mark_best
   show_excess = any(r["excess"] is not None for r in rows)
   header = [names[a] for a in axes] + ["best val loss", "final val loss"] + (
       ["excess"] if show_excess else []) + ["steps", "tokens/s", "wall", "status"]
-  finished = [r for r in rows if r["status"] == "finished" and r["best_eval_loss"] is not None]
-  winner = min(finished, key=lambda r: r["best_eval_loss"]) if finished and mark_best else None
+  winner = best_row(rows) if mark_best else None
   body = []
   for r in rows:
     best = _fmt(r["best_eval_loss"])
@@ -74,7 +109,7 @@ def sweep_markdown(rows: list[dict], axes: list[str], title: str = "", mark_best
                    _fmt(round(r["tokens_per_sec"])) if r["tokens_per_sec"] else "–",
                    format_duration(r["wall_s"]), r["status"]])
   text = (f"## {title}\n\n" if title else "") + markdown_table(header, body)
-  failed = [r for r in rows if r["status"] == "failed"]
+  failed = [r for r in rows if r["status"].startswith("failed")]
   if failed:
     text += "\nFailed trials (full output in `<trial>/train.log`):\n\n"
     text += "".join(f"- `{r['trial']}`: {r['error'] or 'no output'}\n" for r in failed)
@@ -99,8 +134,19 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def write_report(rows: list[dict], axes: list[str], workdir: str, title: str = "") -> dict:
-  """results.csv and results.md in `workdir`; returns their paths {"csv": ..., "md": ...}."""
+  """results.csv, results.md and best_config.json (the best run's whole config) in `workdir`.
+
+  Returns their paths {"csv": ..., "md": ..., "best": ...}; no "best" before a run finishes.
+  """
   paths = {"csv": os.path.join(workdir, "results.csv"), "md": os.path.join(workdir, "results.md")}
   write_csv(rows, paths["csv"])
-  runs.atomic_write(paths["md"], sweep_markdown(rows, axes, title))
+  text, best = sweep_markdown(rows, axes, title), best_row(rows)
+  if best is not None:
+    run_dir = os.path.join(workdir, best["trial"])
+    paths["best"] = os.path.join(workdir, BEST_CONFIG)
+    runs.atomic_write(paths["best"], runs.path(runs.join(run_dir, runs.CONFIG)).read_text())
+    text += (f"\nBest: `{best['trial']}`, validation loss {best['best_eval_loss']:.4f}; its whole config is "
+             f"`{BEST_CONFIG}`. Train it again: `python scripts/train.py --config=configs/from_run.py:{run_dir} "
+             "--workdir=DIR`.\n")
+  runs.atomic_write(paths["md"], text)
   return paths

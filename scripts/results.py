@@ -2,10 +2,11 @@
 
 python scripts/results.py [--steps=500] [--presets=tiny,small] [--corpora=stories,shakespeare,tinystories]
                           [--workdir=runs/results] [--parallel=1] [--dry_run] [--report]
-Runs go through the sweep runner: started again, it skips finished runs and resumes the rest.
+Each run is one train.py process (sweep.train): started again, it skips finished runs and resumes the rest.
 Writes WORKDIR/results.md (and .csv) and prints the table.
 """
 
+import concurrent.futures
 import os
 import platform
 
@@ -114,9 +115,13 @@ def main(argv):
       print(sweep.shell_line(command_for(t)))
     return
   if not _REPORT.value:
-    print(f"{len(trials)} runs of {_STEPS.value} steps in {workdir}", flush=True)
-    sweep.run_trials(trials, workdir, command_for=command_for, parallel=_PARALLEL.value,
-                     log=lambda m: print(m, flush=True))
+    todo = [t for t in trials if runs.run_status(os.path.join(workdir, t.name))["status"] != "finished"]
+    print(f"{len(trials)} runs of {_STEPS.value} steps in {workdir}, {len(trials) - len(todo)} already finished",
+          flush=True)
+    with concurrent.futures.ThreadPoolExecutor(_PARALLEL.value) as pool:
+      for t, (s, _) in zip(todo, pool.map(lambda t: sweep.train(t, workdir, train_script), todo)):
+        loss = f", best validation loss {s['best_eval_loss']:.4f}" if s["best_eval_loss"] is not None else ""
+        print(f"{t.name}: {s['status']}{loss}" + (f": {s['error']}" if s["status"] == "failed" else ""), flush=True)
   rows = results.result_rows(trials, workdir)
   table = results.results_table(rows, ["preset", "corpus"], machine_note(_STEPS.value))
   results.write_csv(rows, os.path.join(workdir, "results.csv"))

@@ -72,8 +72,8 @@ SCRIPTS = {
         config=None),
     "sweep.py": dict(
         base=[f"--sweep={ROOT}/configs/sweeps/lr_warmup.py", "--dry_run", "--workdir={tmp}/sweep"],
-        typed={"--parallel": int, "--dry_run": bool, "--sweep.num_trials": int, "--sweep.seed": int},
-        bad=[("--parallel=0", "parallel"), ("--sweep.method=bayes", "method"),
+        typed={"--workers": int, "--dry_run": bool, "--sweep.num_trials": int, "--sweep.seed": int},
+        bad=[("--workers=0", "workers"), ("--sweep.method=bayes", "method"),
              ("--sweep={tmp}/absent.py", "absent.py"), ("--sweep.config={tmp}/absent.py", "absent.py")],
         config=("sweep", ["config", "method", "num_trials", "seed"],
                 [f"--sweep={ROOT}/configs/sweeps/lr_warmup.py", "--dry_run", "--workdir={tmp}/sweep"])),
