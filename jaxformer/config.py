@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.hf_revision = ""          # pin a revision for reproducibility
   d.hf_split_train = "train"
   d.hf_split_valid = "validation"
+  d.hf_streaming = False      # stream the hub dataset instead of downloading it to memory-mapped Arrow first
   d.text_field = "text"
   d.doc_separator = ""        # split one .txt file into documents on this string ("" = one doc)
   d.valid_fraction = 0.1      # held out when the source has no validation split
@@ -87,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   # error = refuse, naming them; unk = map them to <|unk|> and report how many.
   d.unknown_chars = "error"
   d.bpe_vocab_size = 5000
+  d.tokenizer_sample_chars = 200_000_000  # BPE learns from at most this much training text, spread over all of it
   d.cache_dir = ""            # "" = ~/.cache/jaxformer
   d.num_proc = 1              # processes for datasets.map tokenization
   d.num_valid_batches = 8     # fixed validation batches, the same at every evaluation
@@ -245,6 +247,10 @@ def validate(c) -> None:
       tokenizer_lib.check_bpe_vocab_size(int(c.data.bpe_vocab_size))
     except tokenizer_lib.TokenizerError as err:
       raise ConfigError(str(err)) from None
+  if int(c.data.tokenizer_sample_chars) < 1:
+    raise ConfigError(f"data.tokenizer_sample_chars must be positive, got {c.data.tokenizer_sample_chars}.")
+  if int(c.data.num_proc) < 1:
+    raise ConfigError(f"data.num_proc must be at least 1, got {c.data.num_proc}.")
   if not 0.0 < c.data.valid_fraction < 1.0:
     raise ConfigError(f"data.valid_fraction must be in (0, 1), got {c.data.valid_fraction}.")
   for name in ("data", "fsdp", "tensor"):

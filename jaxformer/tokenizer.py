@@ -19,6 +19,7 @@ import numpy as np
 EOT = "<|endoftext|>"
 UNK = "<|unk|>"
 KINDS = ("char", "bpe", "byte")
+VERSION = 2  # in the tokenizer cache's key; 2: char tokenizers reserve <|unk|>
 UNKNOWN_POLICIES = ("error", "unk")
 
 

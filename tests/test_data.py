@@ -18,7 +18,7 @@ from jaxformer import config as config_lib
 from jaxformer import tokenizer as tk
 import jaxformer.data
 from jaxformer.data import batches
-from jaxformer.data import pipeline
+from jaxformer.data import prepare
 from jaxformer.data import sources
 from jaxformer.data import DataError, load_data, validation_set
 
@@ -48,6 +48,17 @@ def story_file(tmp_path):
   rng = np.random.default_rng(0)
   docs = [f"Story {i}. " + _words(rng, 20 + i % 7) + "." for i in range(40)]
   return _write(tmp_path / "stories.txt", "\n<|endoftext|>\n".join(docs) + "\n<|endoftext|>\n"), docs
+
+
+def _read(src):
+  """{split: documents} of a source's stream (test-sized corpora only: it holds them all)."""
+  docs, current = {"train": [], "valid": []}, []
+  for split, text, end in src.stream():
+    current.append(text)
+    if end:
+      docs[split].append("".join(current))
+      current = []
+  return docs
 
 
 def _stream(tok, docs):
@@ -93,10 +104,11 @@ def test_jsonl_and_txt_files_load_together(tmp_path):
   txt = _write(tmp_path / "a.txt", "the txt file\n")
   d = _data_config(tmp_path, source="text", path=f"{txt}, {jsonl}", valid_fraction=0.25)
   src = sources.load_source(d)
+  read = _read(src)
   docs = ["the txt file\n"] + [f"record {i} says hello" for i in range(19)]
-  assert len(src.train) + len(src.valid) == 20
-  assert sorted(src.train + src.valid) == sorted(docs)
-  assert src.valid == [docs[i] for i in sources.holdout_indices(20, 0.25)]
+  assert len(read["train"]) + len(read["valid"]) == 20
+  assert sorted(read["train"] + read["valid"]) == sorted(docs)
+  assert read["valid"] == [docs[i] for i in sources.holdout_indices(20, 0.25)]
   assert [f["path"] for f in src.description["files"]] == [txt, str(jsonl)]
 
 
@@ -163,7 +175,7 @@ def test_second_load_reads_the_cache_without_tokenizing(tmp_path, monkeypatch, s
   def fail(*args, **kwargs):
     raise AssertionError("the cache should have been used")
 
-  monkeypatch.setattr(pipeline, "tokenize_to_file", fail)
+  monkeypatch.setattr(prepare, "write_tokens", fail)
   monkeypatch.setattr(sources, "load_source", fail)
   for workdir in (str(tmp_path / "run"), str(tmp_path / "other_run"), None):
     again = load_data(d, workdir, seq_len=16)
@@ -257,22 +269,21 @@ def test_workdir_tokenizer_is_reused_and_kind_checked(tmp_path, story_file):
 
 
 def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch, story_file):
+  """A build cut short leaves only its resumable .partial-* directory, never a cache that looks complete."""
   path, _ = story_file
   d = _data_config(tmp_path, source="text", path=path, doc_separator="<|endoftext|>")
-  real = pipeline.tokenize_to_file
+  real = prepare.encode_chunk
 
-  def crash_on_valid(tok, docs, out, **kwargs):
-    if kwargs.get("name") == "valid":
-      raise KeyboardInterrupt
-    return real(tok, docs, out, **kwargs)
+  def crash(tok, chunk):
+    raise KeyboardInterrupt
 
-  monkeypatch.setattr(pipeline, "tokenize_to_file", crash_on_valid)
+  monkeypatch.setattr(prepare, "encode_chunk", crash)
   with pytest.raises(KeyboardInterrupt):
     load_data(d, None, seq_len=16)
-  assert os.listdir(tmp_path / "cache" / "tokens") == []
-  monkeypatch.setattr(pipeline, "tokenize_to_file", real)
+  assert [p.startswith(".partial-") for p in os.listdir(tmp_path / "cache" / "tokens")] == [True]
+  monkeypatch.setattr(prepare, "encode_chunk", real)
   data = load_data(d, None, seq_len=16)
-  assert [p for p in os.listdir(tmp_path / "cache" / "tokens") if p.startswith(".tmp")] == []
+  assert os.listdir(tmp_path / "cache" / "tokens") == [os.path.basename(data.manifest["cache_dir"])]
   # A cache directory without its manifest is incomplete: it is rebuilt, not used.
   os.remove(os.path.join(data.manifest["cache_dir"], "manifest.json"))
   os.remove(os.path.join(data.manifest["cache_dir"], "valid.npy"))
@@ -280,14 +291,16 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch, story_file):
   np.testing.assert_array_equal(again.valid, data.valid)
 
 
-def test_tokenizing_in_several_processes_gives_the_same_tokens(tmp_path, story_file):
+def test_tokenizing_in_several_processes_gives_the_same_tokens(tmp_path, monkeypatch, story_file):
   path, _ = story_file
+  monkeypatch.setattr(prepare, "CHUNK_CHARS", 100)  # ~20 chunks through 2 workers, back in order
   one = load_data(_data_config(tmp_path / "a", source="text", path=path, doc_separator="<|endoftext|>"),
                   None, seq_len=16)
   two = load_data(_data_config(tmp_path / "b", source="text", path=path, doc_separator="<|endoftext|>",
                                num_proc=2), None, seq_len=16)
   np.testing.assert_array_equal(one.train, two.train)
   np.testing.assert_array_equal(one.valid, two.valid)
+  np.testing.assert_array_equal(one.valid_doc_starts, two.valid_doc_starts)
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -295,10 +308,10 @@ def test_long_documents_tokenize_in_pieces_to_the_same_ids(tmp_path, monkeypatch
   rng = np.random.default_rng(1)
   text = "".join(f"{_words(rng, 6)}{rng.choice(['', ' ', '  '])}\n{rng.choice(['', ' ', chr(10)])}"
                  for _ in range(150))
-  assert pipeline.split_long(text, 40) != [text] and "".join(pipeline.split_long(text, 40)) == text
+  assert sources.split_long(text, 40) != [text] and "".join(sources.split_long(text, 40)) == text
   d = _data_config(tmp_path, source="text", path=_write(tmp_path / "a.txt", text), tokenizer=kind,
                    bpe_vocab_size=300)
-  monkeypatch.setattr(pipeline, "PIECE_CHARS", 40)
+  monkeypatch.setattr(sources, "PIECE_CHARS", 40)
   data = load_data(d, None, seq_len=16)
   cut = int(len(text) * 0.9)
   eot = tk.eot_id(data.tokenizer)
@@ -310,7 +323,7 @@ def test_long_documents_tokenize_in_pieces_to_the_same_ids(tmp_path, monkeypatch
 def test_tiny_shakespeare_char(tmp_path):
   d = _data_config(tmp_path, source="text", path=SHAKESPEARE)
   data = load_data(d, None, seq_len=256)
-  assert tk.vocab_size(data.tokenizer) == 65 + 1
+  assert tk.vocab_size(data.tokenizer) == 65 + 2  # and <|endoftext|>, <|unk|>
   assert (len(data.train), len(data.valid)) == (1_003_854 + 1, 111_540 + 1)  # nanoGPT's split, + EOT
 
 

@@ -7,8 +7,11 @@ The cache lives in `data.cache_dir` (default ~/.cache/jaxformer):
     valid_doc_starts.npy          int64 offset of each validation document's first token
     valid_doc_logps.npy           log p(document) in nats (stories only)
     manifest.json                 what was tokenized, with what, and the counts
-A token directory is written under a temporary name and renamed into place,
-so an interrupted run never leaves a half-written cache behind.
+    progress.json                 the preparation's shards (prepare.py)
+The text is streamed, never held whole: tokenizers train on one pass (char) or
+a bounded sample (bpe), and `prepare.write_tokens` tokenizes into
+tokens/.partial-KEY-HOST/ in shards it can resume from. The finished directory
+is renamed into place, so a cache either is complete or is not there.
 """
 
 import contextlib
@@ -17,9 +20,8 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
-import tempfile
+import socket
 from typing import NamedTuple
 
 import numpy as np
@@ -28,10 +30,11 @@ import tokenizers
 from jaxformer import runs
 from jaxformer import tokenizer as tokenizer_lib
 from jaxformer.data import batches as batches_lib
+from jaxformer.data import prepare
 from jaxformer.data import sources
 from jaxformer.data.sources import DataError
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: streamed; documents held out by index (sources.holdout_rule)
 
 
 class Data(NamedTuple):
@@ -54,14 +57,19 @@ def _hash(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def _token_dtype(vocab_size: int):
-  return np.uint16 if vocab_size <= 65535 else np.uint32
-
-
 def _train_tokenizer(data_config, source: sources.Source) -> tokenizers.Tokenizer:
-  # A char vocabulary takes both splits' characters: validation text may hold one training lacks.
-  texts = source.train + source.valid if data_config.tokenizer == "char" else source.train
-  return tokenizer_lib.train_tokenizer(data_config.tokenizer, texts, int(data_config.bpe_vocab_size))
+  kind = data_config.tokenizer
+  if kind == "char":
+    # Every character of both splits (validation text may hold one training lacks): one streaming
+    # pass, cheap next to tokenizing, and no character of the corpus is unknown to its own tokenizer.
+    texts = (text for _, text, _ in source.stream())
+  elif kind == "bpe":
+    # Merges are learnt from a bounded sample spread over all the training text (all of a small corpus).
+    texts = prepare.systematic_sample((text for split, text, _ in source.stream() if split == "train"),
+                                      int(data_config.tokenizer_sample_chars))
+  else:
+    texts = []  # byte: nothing to learn
+  return tokenizer_lib.train_tokenizer(kind, texts, int(data_config.bpe_vocab_size))
 
 
 def get_tokenizer(data_config, workdir: str | None, description: dict, get_source,
@@ -69,7 +77,7 @@ def get_tokenizer(data_config, workdir: str | None, description: dict, get_sourc
   """The run's tokenizer: the workdir's if it has one, else a cached or freshly trained one.
 
   A new tokenizer is saved to `workdir/tokenizer.json` (when `save`: process 0 of
-  many), so a resumed run keeps it. `get_source()` loads the documents; it is
+  many), so a resumed run keeps it. `get_source()` opens the source; it is
   only called when training is needed.
   """
   kind = data_config.tokenizer  # config.validate checked it and bpe_vocab_size
@@ -81,7 +89,10 @@ def get_tokenizer(data_config, workdir: str | None, description: dict, get_sourc
           f"{workdir_path} is a {tokenizer_lib.kind(tok)} tokenizer but data.tokenizer={kind}; "
           "use a fresh --workdir or set data.tokenizer to match the run.")
     return tok
-  settings = {"kind": kind, "bpe_vocab_size": int(data_config.bpe_vocab_size) if kind == "bpe" else None}
+  settings = {"kind": kind, "bpe_vocab_size": int(data_config.bpe_vocab_size) if kind == "bpe" else None,
+              "version": tokenizer_lib.VERSION}
+  if kind == "bpe":
+    settings["sample_chars"] = int(data_config.tokenizer_sample_chars)
   key = _hash({"source": description, "tokenizer": settings})
   cached_path = os.path.join(sources.cache_root(data_config), "tokenizers", key, "tokenizer.json")
   with host_lock(data_config, f"tokenizer-{key}"):  # one process per host trains it; the others wait and read it
@@ -108,136 +119,77 @@ def host_lock(data_config, name: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-# Byte-level BPE pre-tokens never span a newline that has non-space on both sides
-# (and char tokens never span anything), so cutting there leaves the ids unchanged.
-_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
-PIECE_CHARS = 1 << 18
-
-
-def split_long(doc: str, size: int | None = None) -> list[str]:
-  """`doc` cut into pieces of at least `size` (PIECE_CHARS) characters at token-safe places.
-
-  One long text (a whole book) then tokenizes in parallel and in bounded memory.
-  """
-  size = size or PIECE_CHARS
-  pieces, start = [], 0
-  while len(doc) - start > size:
-    cut = _SAFE_CUT.search(doc, start + size)
-    if cut is None:
-      break
-    pieces.append(doc[start:cut.start()])
-    start = cut.start()
-  pieces.append(doc[start:])
-  return pieces
-
-
-def tokenize_to_file(tok: tokenizers.Tokenizer, docs: list[str], path: str, *, num_proc: int = 1,
-                     name: str = "") -> np.ndarray:
-  """Tokenizes `docs` with an EOT after each and writes one flat .npy; returns tokens per doc.
-
-  Runs through `datasets.map` (batched, `num_proc` processes, progress bar on);
-  the flat array is filled chunk by chunk, never held twice in memory.
-  """
-  import datasets  # pylint: disable=g-import-not-at-top
-  eot = tokenizer_lib.eot_id(tok)
-  dtype = _token_dtype(tokenizer_lib.vocab_size(tok))
-  pieces, last, first_piece = [], [], []
-  for doc in docs:
-    first_piece.append(len(pieces))
-    doc_pieces = split_long(doc)
-    pieces.extend(doc_pieces)
-    last.extend([False] * (len(doc_pieces) - 1) + [True])
-
-  def encode(batch):
-    encodings = tok.encode_batch(batch["text"], add_special_tokens=False)
-    return {"ids": [e.ids + [eot] if is_last else e.ids for e, is_last in zip(encodings, batch["last"])]}
-
-  features = datasets.Features({"ids": datasets.List(datasets.Value(np.dtype(dtype).name))})
-  dataset = datasets.Dataset.from_dict({"text": pieces, "last": last})
-  del pieces
-  dataset = dataset.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None,
-                        remove_columns=["text", "last"], features=features, desc=f"tokenizing {name}".strip(),
-                        new_fingerprint=_hash([path, len(docs)]))
-  column = dataset.data.column("ids")
-  piece_lengths = np.concatenate([np.diff(chunk.offsets.to_numpy()) for chunk in column.chunks]
-                                 or [np.zeros(0, np.int64)]).astype(np.int64)
-  out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(int(piece_lengths.sum()),))
-  pos = 0
-  for chunk in column.chunks:
-    values = chunk.flatten().to_numpy()
-    out[pos:pos + len(values)] = values
-    pos += len(values)
-  out.flush()
-  del out
-  if not docs:
-    return np.zeros(0, np.int64)
-  return np.add.reduceat(piece_lengths, np.array(first_piece, np.int64))
-
-
 def _check_chars(tok: tokenizers.Tokenizer, source: sources.Source, unknown: str) -> int:
   """Characters of this text that a char tokenizer from an earlier run lacks: refused, or counted for <|unk|>."""
   if tokenizer_lib.kind(tok) != "char":
     return 0
   chars = set()
-  for doc in source.train + source.valid:
-    chars.update(doc)
+  for _, text, _ in source.stream():
+    chars.update(text)
   missing = tokenizer_lib.unseen_chars(tok, "".join(sorted(chars)))
   try:
     tokenizer_lib.check_unknown(tok, missing, unknown, "the text")
   except tokenizer_lib.TokenizerError as err:
     raise DataError(str(err)) from None
-  return sum(doc.count(ch) for doc in source.train + source.valid for ch in missing)
+  if not missing:
+    return 0
+  return sum(text.count(ch) for _, text, _ in source.stream() for ch in missing)
 
 
 def build_cache(cache_dir: str, source: sources.Source, tok: tokenizers.Tokenizer, *, num_proc: int = 1,
                 unknown: str = "error") -> None:
-  """Tokenizes both splits into `cache_dir`, atomically: all of it appears, or none."""
+  """Tokenizes the source into `cache_dir`: resumably in a partial directory, then renamed into place."""
   num_unknown = _check_chars(tok, source, unknown)
   parent = os.path.dirname(cache_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(cache_dir)}-")
+  # Per host: hosts that share the cache folder but not its locks never write into one directory.
+  partial = os.path.join(parent, f".partial-{os.path.basename(cache_dir)}-{socket.gethostname()}")
+  key = {"cache": os.path.basename(cache_dir), "piece_chars": sources.PIECE_CHARS,
+         "block_chars": sources.BLOCK_CHARS, "lookahead_chars": sources.LOOKAHEAD_CHARS}
   try:
-    train_lengths = tokenize_to_file(tok, source.train, os.path.join(tmp, "train.npy"),
-                                     num_proc=num_proc, name="train")
-    valid_lengths = tokenize_to_file(tok, source.valid, os.path.join(tmp, "valid.npy"),
-                                     num_proc=num_proc, name="valid")
-    valid_starts = np.concatenate([[0], np.cumsum(valid_lengths)[:-1]]).astype(np.int64)
-    np.save(os.path.join(tmp, "valid_doc_starts.npy"), valid_starts)
-    vocab = tokenizer_lib.vocab_size(tok)
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "source": source.description,
-        "tokenizer": {"kind": tokenizer_lib.kind(tok), "fingerprint": tokenizer_lib.fingerprint(tok),
-                      "vocab_size": vocab, "eot_id": tokenizer_lib.eot_id(tok)},
-        "dtype": np.dtype(_token_dtype(vocab)).name,
-        "unknown_chars": num_unknown,  # characters written as <|unk|> (data.unknown_chars=unk)
-        "splits": {
-            name: {"documents": len(docs), "characters": sum(map(len, docs)), "tokens": int(lengths.sum())}
-            for name, docs, lengths in (("train", source.train, train_lengths),
-                                        ("valid", source.valid, valid_lengths))},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if source.valid_logps is not None:
-      np.save(os.path.join(tmp, "valid_doc_logps.npy"), np.asarray(source.valid_logps, np.float64))
-      nats = float(-np.sum(source.valid_logps))
-      manifest["entropy_floor"] = {
-          "nats_per_token": batches_lib.entropy_floor(source.valid_logps, valid_lengths),
-          "nats": nats, "tokens": int(valid_lengths.sum()), "documents": len(source.valid)}
-    # The manifest goes last: a directory with one is complete.
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-      json.dump(manifest, f, indent=2)
+    state = prepare.write_tokens(source.stream(), tok, partial, key=key, num_proc=num_proc)
+    splits = state["splits"]
+    if not splits["valid"]["documents"]:
+      raise DataError(f"no document was held out for validation: the source has {splits['train']['documents']} "
+                      "long documents; raise data.valid_fraction, or split the text into more documents.")
+  except DataError:  # bad input: fixing it changes the cache key, so there is nothing to resume
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  vocab = tokenizer_lib.vocab_size(tok)
+  manifest = {
+      "version": MANIFEST_VERSION,
+      "source": source.description,
+      "tokenizer": {"kind": tokenizer_lib.kind(tok), "fingerprint": tokenizer_lib.fingerprint(tok),
+                    "vocab_size": vocab, "eot_id": tokenizer_lib.eot_id(tok)},
+      "dtype": prepare.token_dtype(vocab).name,
+      "unknown_chars": num_unknown,  # characters written as <|unk|> (data.unknown_chars=unk)
+      "splits": {name: {k: splits[name][k] for k in ("documents", "characters", "tokens")}
+                 for name in prepare.SPLITS},
+      "shards": state["shards"],
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  if source.valid_logps is not None:
+    np.save(os.path.join(partial, "valid_doc_logps.npy"), np.asarray(source.valid_logps, np.float64))
+    starts = np.load(os.path.join(partial, prepare.FILES["starts"]))
+    lengths = batches_lib.doc_lengths(starts, splits["valid"]["tokens"])
+    manifest["entropy_floor"] = {
+        "nats_per_token": batches_lib.entropy_floor(source.valid_logps, lengths),
+        "nats": float(-np.sum(source.valid_logps)), "tokens": int(lengths.sum()), "documents": len(lengths)}
+  # The manifest goes last: a directory with one is complete (progress.json stays, a record of the shards).
+  with open(os.path.join(partial, "manifest.json"), "w") as f:
+    json.dump(manifest, f, indent=2)
+  try:
     if read_manifest(cache_dir) is not None:
       return  # another process (host) finished the same cache first; keep theirs
     if os.path.exists(cache_dir):  # incomplete (a copy cut short by hand); ours replaces it
       shutil.rmtree(cache_dir)
     try:
-      os.rename(tmp, cache_dir)
+      os.rename(partial, cache_dir)
     except OSError:
       if read_manifest(cache_dir) is None:  # lost a rename race to an identical copy: fine
         raise
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(partial):
+      shutil.rmtree(partial, ignore_errors=True)
 
 
 def read_manifest(cache_dir: str) -> dict | None:
@@ -272,7 +224,7 @@ def load_data(data_config, workdir: str | None, seq_len: int, save_tokenizer: bo
   description = sources.describe_source(data_config)
   loaded = []
 
-  def get_source():
+  def get_source():  # nothing is read until a tokenizer or a cache has to be built
     if not loaded:
       loaded.append(sources.load_source(data_config, description))
     return loaded[0]
@@ -294,16 +246,15 @@ def load_data(data_config, workdir: str | None, seq_len: int, save_tokenizer: bo
                     "seen; pass --config.data.unknown_chars=unk to map them to <|unk|>, or train with "
                     "data.tokenizer=byte or bpe.")
 
-  def load(name):
-    return np.load(os.path.join(cache_dir, name), mmap_mode="r")
-
-  train, valid = load("train.npy"), load("valid.npy")
-  for name, tokens, fix in (("training", train, "use more text"),
-                            ("validation", valid, "use more text or a larger data.valid_fraction")):
-    if len(tokens) < seq_len + 1:
+  for name, split, fix in (("training", "train", "use more text"),
+                           ("validation", "valid", "use more text or a larger data.valid_fraction")):
+    num_tokens = manifest["splits"][split]["tokens"]
+    if num_tokens < seq_len + 1:
       raise DataError(
-          f"the {name} split has {len(tokens)} tokens, fewer than seq_len+1 = {seq_len + 1} for one window; "
+          f"the {name} split has {num_tokens} tokens, fewer than seq_len+1 = {seq_len + 1} for one window; "
           f"{fix}, or lower train.seq_len.")
+  train = np.load(os.path.join(cache_dir, "train.npy"), mmap_mode="r")
+  valid = np.load(os.path.join(cache_dir, "valid.npy"), mmap_mode="r")
   logps_path = os.path.join(cache_dir, "valid_doc_logps.npy")
   logps = np.load(logps_path) if os.path.exists(logps_path) else None
   floor = manifest["entropy_floor"]["nats_per_token"] if "entropy_floor" in manifest else None
