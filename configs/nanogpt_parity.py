@@ -22,6 +22,7 @@ def get_config(size: str = "tiny"):
   c.model.num_layers, c.model.num_heads, c.model.embed_dim = SIZES[size]
   c.model.max_len, c.model.use_bias = 256, False
   c.model.dropout = c.model.attn_dropout = 0.2
+  c.model.scaled_residual_init = True  # nanoGPT's (GPT-2's) init
   c.train.update(dict(batch_size=32, seq_len=256, steps=200, eval_every=200, checkpoint_every=200, num_samples=0))
   c.optim.update(dict(lr=1e-3, b2=0.99, weight_decay=0.1, decay_embeddings=True, clip_norm=1.0,
                       warmup_steps=100, schedule="constant"))

@@ -31,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 0            # 0: take it from the tokenizer, padded to vocab_multiple
   m.vocab_multiple = 64       # padding V to a multiple of 64 gives faster matmuls (padded ids are never scored)
-  m.scaled_residual_init = True  # GPT-2: the residual output projections ~ N(0, 0.02 / sqrt(2 * num_layers))
+  # GPT-2's init: the residual output projections ~ N(0, 0.02 / sqrt(2 * num_layers)). Off by default:
+  # on the tiny preset's 600 quick-start steps it gave validation loss 0.860 against 0.732 without.
+  m.scaled_residual_init = False
   m.num_layers = 4
   m.num_heads = 4
   m.embed_dim = 128           # C

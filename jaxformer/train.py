@@ -195,7 +195,7 @@ def state_shardings(model_cfg, tx, mesh, param_dtype="float32"):
   return abstract, shardings
 
 
-def init_state(model, tx, shardings, seed: int, scaled_residual_init: bool = True) -> TrainState:
+def init_state(model, tx, shardings, seed: int, scaled_residual_init: bool = False) -> TrainState:
   """Created already sharded: no device ever holds the whole unsharded model."""
   def init():
     rng = jax.random.PRNGKey(seed)
