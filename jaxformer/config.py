@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.bpe_vocab_size = 5000
   d.tokenizer_sample_chars = 200_000_000  # BPE learns from at most this much training text, spread over all of it
   d.cache_dir = ""            # "" = ~/.cache/jaxformer
-  d.num_proc = 1              # processes for datasets.map tokenization
+  d.num_proc = 1              # tokenizing processes (1: the calling process, with the tokenizer's threads)
   d.num_valid_batches = 8     # fixed validation batches, the same at every evaluation
 
   # --- training.

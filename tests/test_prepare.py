@@ -85,11 +85,11 @@ def test_a_glob_of_compressed_jsonl_and_txt_files_streams_every_document(tmp_pat
 
 
 @pytest.mark.parametrize("content, message", [
-    (gzip.compress(_jsonl(_docs(2000)))[:20_000], r"could not read data file .*bad\.jsonl\.gz as gzip-compressed "
+    (gzip.compress(_jsonl(_docs(2000)), mtime=0)[:20_000], r"could not read data file .*bad\.jsonl\.gz as gzip-compressed "
                                                   r"json \(OSError: Truncated.*check the file is complete"),
     (b"plain text, not gzip" * 20, "incorrect header check"),
-    (gzip.compress(b'{"text": "ok"}\n{"text": broken\n'), "JSONDecodeError"),
-])
+    (gzip.compress(b'{"text": "ok"}\n{"text": broken\n', mtime=0), "JSONDecodeError"),
+], ids=["truncated-gzip", "not-gzip", "broken-json"])  # fixed ids: pytest-xdist workers must collect the same names
 def test_a_broken_file_is_one_error_and_keeps_the_complete_cache(tmp_path, content, message):
   good = tmp_path / "good.jsonl"
   good.write_bytes(_jsonl(_docs(40)))
