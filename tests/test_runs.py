@@ -125,7 +125,7 @@ def test_read_config_and_tokenizer(tmp_path):
   tok = tokenizer_lib.train_char(["abc cab"])
   runs.atomic_write(runs.tokenizer_path(str(tmp_path)), tok.to_str())
   back = runs.read_tokenizer(str(tmp_path))
-  assert back.encode("cab a").ids == tok.encode("cab a").ids and len(back.get_vocab()) == 5  # a b c ' ' EOT
+  assert back.encode("cab a").ids == tok.encode("cab a").ids and len(back.get_vocab()) == 6  # a b c ' ' EOT UNK
 
 
 # ---------------------------------------------------------------------------- status

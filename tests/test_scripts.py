@@ -51,7 +51,7 @@ def test_sample_is_reproducible_and_greedy_is_deterministic(trained):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--prompt=Once upon a time ~"], "characters the char tokenizer has never seen: '~'"),
+    (["--prompt=Once upon a time ~"], "the prompt holds characters the run's char tokenizer has never seen: '~'"),
     (["--temperature=-1"], "temperature must be"),
     (["--top_k=-2"], "top_k must be"),
     (["--top_p=1.5"], "top_p must be in (0, 1]"),

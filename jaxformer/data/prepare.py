@@ -231,7 +231,8 @@ def _append(pieces, tok, directory: str, files: dict, state: dict, num_proc: int
   stream = itertools.islice(pieces, state["pieces"], None)  # a resumed run reads, but does not tokenize, what it has
   since_commit = 0
   splits = state["splits"]
-  with tqdm.tqdm(desc=desc, unit=" chars", unit_scale=True, mininterval=5) as bar:
+  # disable=None: a bar on a terminal only, so a log or a one-line error never carries it.
+  with tqdm.tqdm(desc=desc, unit=" chars", unit_scale=True, mininterval=5, disable=None) as bar:
     for meta, ids, lengths in encode_stream(chunks(stream), tok, num_proc):
       starts = []
       valid_pos = splits["valid"]["tokens"]
