@@ -14,7 +14,7 @@ from typing import Optional
 
 from jaxformer import runs
 
-NUMBERS = ("status", "steps", "total_steps", "best_eval_loss", "final_eval_loss", "excess", "tokens_per_sec",
+NUMBERS = ("status", "steps", "total_steps", "best_eval_loss", "best_eval_bpb", "final_eval_loss", "excess", "tokens_per_sec",
            "wall_s", "num_params")
 
 
@@ -96,14 +96,14 @@ def sweep_markdown(rows: list[dict], axes: list[str], title: str = "", mark_best
   """The results table: the best finished trial's best loss in bold, failed trials' errors below."""
   names = runs.short_keys(axes)
   show_excess = any(r["excess"] is not None for r in rows)
-  header = [names[a] for a in axes] + ["best val loss", "final val loss"] + (
+  header = [names[a] for a in axes] + ["best val loss", "best val bpb", "final val loss"] + (
       ["excess"] if show_excess else []) + ["steps", "tokens/s", "wall", "status"]
   winner = best_row(rows) if mark_best else None
   body = []
   for r in rows:
     best = _fmt(r["best_eval_loss"])
     body.append([runs.format_value(r[a]) for a in axes]
-                + [f"**{best}**" if r is winner else best, _fmt(r["final_eval_loss"])]
+                + [f"**{best}**" if r is winner else best, _fmt(r["best_eval_bpb"]), _fmt(r["final_eval_loss"])]
                 + ([_fmt(r["excess"])] if show_excess else [])
                 + [f"{r['steps']}/{r['total_steps'] or '?'}",
                    _fmt(round(r["tokens_per_sec"])) if r["tokens_per_sec"] else "–",

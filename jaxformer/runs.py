@@ -229,9 +229,10 @@ def run_status(run_dir: str) -> dict:
     if said != "stopped" and trial.get("returncode", 0) != 0:
       status = "failed"
 
-  evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-  best = min(evals, key=lambda e: e[1]) if evals else (None, None)
+  evals = [(r["step"], r["eval/loss"], r.get("eval/bpb")) for r in rows if "eval/loss" in r]
+  best = min(evals, key=lambda e: e[1]) if evals else (None, None, None)
   logged = {"step": rows[-1]["step"] if rows else None, "best_eval_loss": best[1], "best_step": best[0],
+            "best_eval_bpb": best[2],
             "eval_loss": evals[-1][1] if evals else None,
             "entropy_floor": next((r["eval/entropy_floor"] for r in reversed(rows) if "eval/entropy_floor" in r),
                                   None)}
@@ -249,7 +250,8 @@ def run_status(run_dir: str) -> dict:
   return {
       "run_dir": run_dir, "status": status, "stop_reason": summary.get("stop_reason"),
       "steps": n["step"] or 0, "total_steps": total,
-      "best_eval_loss": n["best_eval_loss"], "best_step": n["best_step"], "final_eval_loss": final,
+      "best_eval_loss": n["best_eval_loss"], "best_eval_bpb": n["best_eval_bpb"], "best_step": n["best_step"],
+      "final_eval_loss": final,
       "entropy_floor": floor, "excess": final - floor if final is not None and floor is not None else None,
       "tokens_per_sec": statistics.median(tps) if tps else summary.get("tokens_per_sec"),
       "tokens": summary.get("tokens"), "num_params": summary.get("num_params"),

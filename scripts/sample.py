@@ -61,13 +61,13 @@ def main(argv):
   unknown = unknown or config.data.unknown_chars  # the flag, else the run's own policy
   if unknown not in tokenizer_lib.UNKNOWN_POLICIES:
     raise cli.UsageError(f"--config.data.unknown_chars={unknown}: use error or unk.")
-  mapped = len(tokenizer_lib.unseen_chars(tok, prompt))
+  unseen = tokenizer_lib.unseen_chars(tok, prompt)
   texts = sampling.sample_text(
       params, model, tok, [prompt] * _NUM.value, max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
       unknown_chars=unknown)
-  if mapped:
-    print(f"note: {sum(prompt.count(ch) for ch in tokenizer_lib.unseen_chars(tok, prompt))} prompt characters "
+  if unseen:
+    print(f"note: {sum(prompt.count(ch) for ch in unseen)} prompt characters "
           "the tokenizer has never seen were read as <|unk|>.")
   for i, text in enumerate(texts):
     print(f"--- sample {i + 1} of {len(texts)} ({'step ' if isinstance(step, int) else ''}{step}) ---")

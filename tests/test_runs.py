@@ -1,6 +1,7 @@
 """Run folders: atomic writes, metrics after a resume, status from summary.json."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def fake_run(run_dir, *, steps, total, evals=None, train_every=1, floor=None, tp
       if s % train_every == 0:
         f.write(json.dumps({"step": s, "train/loss": 5.0 - 0.01 * s, "lr": 1e-3, "tokens_per_sec": tps}) + "\n")
       if s in evals:
-        row = {"step": s, "eval/loss": evals[s]}
+        row = {"step": s, "eval/loss": evals[s], "eval/bpb": evals[s] / math.log(2)}  # 1 byte per token
         if floor is not None:
           row.update({"eval/entropy_floor": floor, "eval/excess": evals[s] - floor})
         f.write(json.dumps(row) + "\n")
@@ -39,6 +40,7 @@ def fake_run(run_dir, *, steps, total, evals=None, train_every=1, floor=None, tp
     best = min(evals.items(), key=lambda e: e[1]) if evals else (None, None)
     write_summary(run_dir, status=status, step=steps, steps=total, eval_loss=evals[max(evals)] if evals else None,
                   best_eval_loss=best[1], best_step=best[0], entropy_floor=floor, wall_s=wall_s,
+                  best_eval_bpb=best[1] / math.log(2) if evals else None,
                   tokens_per_sec=0.9 * tps, tokens=steps * 32)
 
 
