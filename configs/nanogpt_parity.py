@@ -1,6 +1,7 @@
 """nanoGPT's shakespeare-char recipe for a 200-step loss comparison: `configs/nanogpt_parity.py:tiny` or `:small`.
 
-The settings of nanoGPT's config/train_shakespeare_char.py at B=32 (its CPU run):
+The settings of nanoGPT's config/train_shakespeare_char.py with B=32 and a smaller
+model (tiny 4L/4H/128, small 6L/6H/192; nanoGPT's own is 6L/6H/384 at B=64):
 T=256, dropout 0.2 (residual, embedding and attention weights), no biases, AdamW
 lr 1e-3, beta2 0.99, weight decay 0.1 on every matrix (embeddings too), clipping 1.0,
 100 warm-up steps. nanoGPT decays the rate over 5000 steps, so at step 200 it is
