@@ -14,8 +14,8 @@ from typing import Optional
 
 from jaxformer import runs
 
-NUMBERS = ("status", "steps", "total_steps", "best_eval_loss", "best_eval_bpb", "final_eval_loss", "excess", "tokens_per_sec",
-           "wall_s", "num_params")
+NUMBERS = ("status", "steps", "total_steps", "best_eval_loss", "best_eval_bpb", "final_eval_loss", "excess",
+           "tokens_per_sec", "wall_s", "num_params")
 
 
 def result_rows(trials, workdir: str) -> list[dict]:

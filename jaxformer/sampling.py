@@ -308,7 +308,8 @@ def sample_text(params, model: model_lib.Transformer, tokenizer, prompts: Sequen
         "use the tokenizer the model was trained with.")
   encoded = []
   for i, text in enumerate(prompts):
-    ids = tokenizer_lib.encode(tokenizer, text, unknown_chars, what=f"prompt {i}" if len(set(prompts)) > 1 else "the prompt")
+    what = f"prompt {i}" if len(set(prompts)) > 1 else "the prompt"  # one prompt repeated for every sample
+    ids = tokenizer_lib.encode(tokenizer, text, unknown_chars, what=what)
     if not ids:
       if eos_id is None:
         raise SamplingError(f"prompt {i} is empty and the tokenizer has no {EOT} token to start from; "

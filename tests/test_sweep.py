@@ -213,8 +213,8 @@ def test_results_table_plot_and_best_config_come_from_the_study(tmp_path):
   assert "Best: `lr=0.002`, validation loss 1.0000; its whole config is `best_config.json`." in md
   assert open(paths["best"]).read() == open(tmp_path / "lr=0.002" / "config.json").read()
   lines = open(paths["csv"]).read().splitlines()
-  assert lines[0] == ("trial,number,optim.lr,status,steps,total_steps,best_eval_loss,best_eval_bpb,final_eval_loss,excess,"
-                      "tokens_per_sec,wall_s,num_params,error") and len(lines) == 5
+  assert lines[0] == ("trial,number,optim.lr,status,steps,total_steps,best_eval_loss,best_eval_bpb,final_eval_loss,"
+                      "excess,tokens_per_sec,wall_s,num_params,error") and len(lines) == 5
   assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # atomic writes leave no temporary files
   assert os.path.getsize(plots.plot_sweep(rows, ["optim.lr"], str(tmp_path / "results.png"))) > 1000
 
@@ -230,12 +230,13 @@ def test_results_table_from_fake_runs(tmp_path):
   table = results.results_table(rows, ["preset", "corpus"], note="Measured on a test.")
   lines = table.splitlines()
   assert lines[0] == "Measured on a test."
-  assert lines[2] == ("| preset | corpus | params | best val loss | best val bpb | final val loss | excess | steps | tokens/s | "
-                      "wall | status |")
+  assert lines[2] == ("| preset | corpus | params | best val loss | best val bpb | final val loss | excess | steps | "
+                      "tokens/s | wall | status |")
   # 826,432 parameters from summary.json; 1000 tokens/s the logged windows' median; wall time the summary's.
   assert lines[4] == "| tiny | stories | 0.83M | 0.7500 | 1.0820 | 0.7500 | 0.2500 | 4/4 | 1000 | 1m 15s | finished |"
   assert lines[5] == "| tiny | shakespeare | 0.83M | 1.5000 | 2.1640 | 1.5000 | – | 4/4 | 1000 | 5s | finished |"
-  assert lines[6] == "| small | stories | – | – | – | – | – | 0/? | – | – | pending |"  # no budget in its overrides
+  # No budget in its overrides:
+  assert lines[6] == "| small | stories | – | – | – | – | – | 0/? | – | – | pending |"
   assert "**" not in table  # no winner across corpora
   assert [results.format_count(n) for n in (None, 9_500, 99_999, 100_000, 12_345_678)] == [
       "–", "9.5k", "100.0k", "0.10M", "12.35M"]
