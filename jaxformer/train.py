@@ -67,9 +67,14 @@ def cross_entropy(logits, batch, valid_vocab: int | None = None):
   no text holds them, so they get no probability (and no gradient).
   """
   V = logits.shape[-1]
+  ids = jnp.arange(V)
   if valid_vocab is not None and valid_vocab < V:
-    logits = jnp.where(jnp.arange(V) < valid_vocab, logits, -jnp.inf)  # (B, T, V)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (B, T)
+    logits = jnp.where(ids < valid_vocab, logits, -jnp.inf)  # (B, T, V)
+  # The target's logit picked by a compare, not a gather: its gradient is then elementwise and
+  # fuses with the softmax's into one pass over (B, T, V), where a gather's is a scatter plus
+  # two more passes (on an H200, GPT-2's step at B=32 spent 7 of 73 ms on those passes).
+  target_logit = jnp.sum(jnp.where(ids == batch["targets"][..., None], logits, 0.0), axis=-1)  # (B, T)
+  ce = jax.nn.logsumexp(logits, axis=-1) - target_logit  # (B, T)
   w = batch["weights"]
   total = jnp.sum(w)
   return jnp.sum(ce * w) / jnp.maximum(total, 1.0), total

@@ -233,7 +233,7 @@ def test_gpt2_cudnn_bfloat16_path_up_to_the_kernel(monkeypatch):
   config_lib.validate(c)
   cfg, ex = config_lib.model_config(c), config_lib.execution(c)
   params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0), ex))  # no cuDNN needed
-  assert sum(p.size for p in jax.tree_util.tree_leaves(params)) == metrics.num_params(cfg) == 124_439_808
+  assert sum(p.size for p in jax.tree_util.tree_leaves(params)) == metrics.num_params(cfg) == 124_475_904
   calls = []
   real = jax.nn.dot_product_attention
 
@@ -244,7 +244,7 @@ def test_gpt2_cudnn_bfloat16_path_up_to_the_kernel(monkeypatch):
   monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
   x = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
   out = jax.eval_shape(lambda p, x: M.Transformer(cfg, ex).apply({"params": p}, x), params, x)
-  assert out.shape == (1, 1024, 50257) and out.dtype == jnp.float32
+  assert out.shape == (1, 1024, 50304) and out.dtype == jnp.float32
   assert calls == [((1, 1024, 12, 64), jnp.bfloat16, "cudnn", True)] * 12
   c.compute.dtype = "float32"
   with pytest.raises(config_lib.ConfigError, match="bfloat16 or float16"):
