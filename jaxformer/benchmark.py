@@ -136,7 +136,7 @@ def benchmark(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, gen
   stats = device.memory_stats() or {}  # None on CPU
   if "peak_bytes_in_use" in stats:
     out["device_peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
-  peak, source = metrics_lib.peak_flops(jax.devices()[0], peak_matmul_n)  # per device
+  peak, source = metrics_lib.peak_flops(device, peak_matmul_n)  # per device
   out.update({"peak_flops": peak, "peak_flops_all_devices": peak * jax.device_count(),
               "peak_source": source,
               "mfu": metrics_lib.mfu(tr["tokens_per_s"], tr["flops_per_token"], peak,
@@ -181,8 +181,9 @@ def roofline_check(cost: dict, peak: float, measured_step_s: float, B: int, T: i
   1.1-2.2 TB/s of its 4.8, launch-bound), else measured (a large array read and written),
   shared like the peak.
   """
-  share = jax.local_device_count() if jax.devices()[0].platform == "cpu" else 1
-  chip = chips.find(jax.devices()[0].device_kind)
+  this = jax.devices()[0]
+  share = jax.local_device_count() if this.platform == "cpu" else 1
+  chip = chips.find(this.device_kind)
   bandwidth = chip.hbm_bandwidth if chip else metrics_lib.measure_memory_bandwidth() / share
   device = chips.Chip("this device", (), peak, 0.0, bandwidth, 1.0,
                       "data sheet" if chip else "measured in this run")
