@@ -79,14 +79,15 @@ def _bytes_per_device(abstract_tree, sharding_tree) -> int:
 
 
 def collectives(hlo: str) -> dict:
-  """{kind: {"count": n, "bytes": result bytes per device}} of the collectives in compiled HLO text.
+  """{kind: {"count": n, "bytes": b}} of the collectives in compiled HLO text, per device.
 
-  Counted as the program issues them, by channel: the TPU compiler splits one collective
-  into pieces overlapped with compute (async collective fusions) that share its channel,
-  and writes a reduce-scatter as an all-reduce inside an `all-reduce-scatter` fusion.
+  `count` is of the arrays each kind moves and `bytes` their full size: the TPU compiler
+  combines independent collectives into one op over a tuple, splits one into pieces
+  overlapped with compute (async collective fusions) that share its channel, and writes
+  a reduce-scatter as an all-reduce inside an `all-reduce-scatter` fusion of its own.
   """
   found = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
-  seen = {}  # (kind, channel) -> largest result bytes among its pieces
+  seen = {}  # (kind, channel or fusion) -> (arrays, largest result bytes among its pieces)
   op = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
   computation = ""
   for i, line in enumerate(hlo.splitlines()):
@@ -100,15 +101,16 @@ def collectives(hlo: str) -> dict:
     shapes = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))
     sizes = [math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(t, 4) for t, dims in shapes]
     # A start's result holds its operand and its result: the larger is what moves.
-    size = max(sizes) if m.group(3) else sum(sizes)
+    arrays, size = (1, max(sizes)) if m.group(3) else (len(sizes), sum(sizes))
     kind = m.group(2)
-    if kind == "all-reduce" and computation.startswith("all-reduce-scatter"):
-      kind = "reduce-scatter"
     channel = re.search(r"channel_id=(\d+)", line)
     key = (kind, channel.group(1) if channel else f"line {i}")
-    seen[key] = max(seen.get(key, 0), size)
-  for (kind, _), size in seen.items():
-    found[kind]["count"] += 1
+    if kind == "all-reduce" and computation.startswith("all-reduce-scatter"):
+      key = ("reduce-scatter", computation.split(".clone")[0])  # combined ones share channel 1
+    arrays, size = max((arrays, size), seen.get(key, (0, 0)))
+    seen[key] = (arrays, size)
+  for (kind, _), (arrays, size) in seen.items():
+    found[kind]["count"] += arrays
     found[kind]["bytes"] += size
   return dict(found)
 
