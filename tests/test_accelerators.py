@@ -129,7 +129,7 @@ def test_gpt2_fsdp_step_moves_parameters_and_gradients_the_fsdp_way(gpt2_on_v5e)
   # The attention's matrices it all-reduces whole and then slices (it lays their gradients out
   # with C innermost, H and D being shorter than its 128-wide tiles, and does not scatter along
   # an inner axis; pinning them as (C, 3·H·D) matrices makes them reduce-scatter but costs
-  # relayout copies of the activations, 10% more bytes accessed). So are the vectors, which
+  # relayout copies of the activations, 17% more bytes accessed). So are the vectors, which
   # FSDP does not split, and the tables: the embedding table twice (its lookup's and its tied
   # head's partial sums, which XLA reduces apart), the position table once.
   attention = L * (C * 3 * C + C * C)
