@@ -138,6 +138,33 @@ def test_gpt2_fsdp_step_moves_parameters_and_gradients_the_fsdp_way(gpt2_on_v5e)
   assert found["all-reduce"]["bytes"] >= 2 * (attention + tables), found
 
 
+def test_collectives_are_counted_by_array_and_by_fusion():
+  # Shaped like the TPU compiler's HLO: two all-reduce-scatter fusions that both carry
+  # channel 1 (the combiner's), one of them over a tuple of two matrices; an all-gather split
+  # into two async pieces sharing a channel; a plain all-reduce of a tuple of vectors.
+  hlo = """
+%all-reduce-scatter.8.clone.1 (input_0: bf16[768,768], input_1: bf16[768,3,768]) -> (bf16[768,192]) {
+  %all-reduce.1 = (bf16[768,768]{0,1}, bf16[768,3,768]{2,0,1}) all-reduce(%input_0, %input_1), channel_id=1
+}
+%all-reduce-scatter.9.clone.1 (input_0: bf16[768,3072]) -> bf16[192,3072] {
+  %all-reduce.2 = bf16[768,3072]{1,0} all-reduce(%input_0), channel_id=1
+}
+%async_collective_fusion.1 (param_0: bf16[192,3072]) -> bf16[768,3072] {
+  %all-gather.3 = bf16[768,3072]{1,0} all-gather(%param_0), channel_id=7, dimensions={0}
+}
+%async_collective_fusion.2 (param_0: bf16[192,3072]) -> bf16[768,3072] {
+  %all-gather.4 = bf16[768,3072]{1,0} all-gather(%param_0), channel_id=7, dimensions={0}
+}
+ENTRY %main (p: f32[768]) -> f32[768] {
+  %all-reduce.5 = (f32[768]{0}, f32[3072]{0}) all-reduce(%a, %b), channel_id=9
+}
+"""
+  assert aot.collectives(hlo) == {
+      "reduce-scatter": {"count": 3, "bytes": 2 * (768 * 768 + 768 * 3 * 768 + 768 * 3072)},
+      "all-gather": {"count": 1, "bytes": 2 * 768 * 3072},
+      "all-reduce": {"count": 2, "bytes": 4 * (768 + 3072)}}
+
+
 def test_large_preset_fits_v5p_with_fsdp_tensor_and_remat():
   c = preset("large", **{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2, "compute.remat": "save_attention_out",
                          "train.batch_size": 64})
