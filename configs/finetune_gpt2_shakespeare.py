@@ -6,7 +6,8 @@ gpt2's config.json, model.safetensors and tokenizer.json in a folder and pass
 --config.train.init_from=FOLDER. Tiny Shakespeare (1.1 MB) is at
 https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt;
 point --config.data.path at your copy. nanoGPT's recipe: B=32 x T=1024 (here 8 x 4
-micro-batches), constant lr 3e-5, 20 steps, no dropout; GPT-2's vocabulary unpadded.
+micro-batches), constant lr 3e-5, 20 steps, no dropout. GPT-2's 50257 ids are padded to
+50304 on import (zero rows, never scored or sampled), as configs/gpt2.py pads them.
 """
 
 from jaxformer.config import base_config
@@ -17,7 +18,7 @@ def get_config():
   # The architecture comes from the checkpoint's config.json; these are GPT-2 small's, for
   # the checks that run before it is read (T <= max_len).
   c.model.num_layers, c.model.num_heads, c.model.embed_dim = 12, 12, 768
-  c.model.vocab_size, c.model.vocab_multiple, c.model.max_len = 50257, 1, 1024
+  c.model.vocab_size, c.model.vocab_multiple, c.model.max_len = 50304, 64, 1024
   c.model.activation, c.model.dropout = "gelu_tanh", 0.0
   c.train.init_from = "hf:gpt2"
   c.data.source = "text"

@@ -4,8 +4,8 @@ Learned positions, tied head, biases, tanh-approximated GELU, LayerNorm eps 1e-5
 GPT-2's architecture. Its 50257 token ids are padded to 50304, a multiple of 64, as
 nanoGPT does: the head's matmul then tiles evenly (GPT-2's step on an H200 ran 1.22x
 faster), and the padded ids are never scored or sampled. GPT-2's published weights
-(V = 50257, unpadded) load through --config.train.init_from=hf:gpt2, which takes the
-architecture from their config.json.
+(V = 50257) load through --config.train.init_from=hf:gpt2, which takes the
+architecture from their config.json and pads their table the same way.
 """
 
 from jaxformer.config import base_config

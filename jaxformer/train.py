@@ -268,7 +268,8 @@ def _prepare_init_from(config, workdir: str):
   if hf_source(init_from):
     folder = hf.resolve(init_from)
     config = config_lib.apply_overrides(
-        config, {**hf.model_values(hf.read_config(folder)), "data.tokenizer": "bpe"}, "train.init_from")
+        config, {**hf.model_values(hf.read_config(folder), config.model.vocab_multiple), "data.tokenizer": "bpe"},
+        "train.init_from")
     config_lib.validate(config)
     tok = hf.load_tokenizer(folder)
   else:

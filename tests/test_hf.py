@@ -88,6 +88,31 @@ def test_export_then_import_is_bitwise_and_looks_like_what_gpt2lmheadmodel_saves
   assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "out"))
 
 
+def test_a_padded_import_scores_like_hf_and_exports_hf_s_rows(tmp_path, imported):
+  # V padded to a multiple of 128: the fixture's 320 ids get 64 zero rows (GPT-2's 50257 get 47
+  # with the default 64). The real ids' logits are HF's; export writes HF's 320 rows back.
+  _, model, params, tok, _ = hf.load_model(FOLDER, vocab_multiple=128)
+  assert model.cfg == dataclasses.replace(imported[1].cfg, vocab_size=384)
+  table = np.asarray(params["embed"]["embedding"])
+  np.testing.assert_array_equal(table[:320], np.asarray(imported[2]["embed"]["embedding"]))
+  assert not table[320:].any()
+  logits = np.asarray(model.apply({"params": params}, ARRAYS["ids"]))
+  np.testing.assert_allclose(logits[..., :320], ARRAYS["logits"], atol=1e-4, rtol=0)
+  hf.export(params, model.cfg, tok, str(tmp_path / "out"))
+  with open(tmp_path / "out" / "config.json") as f:
+    assert json.load(f)["vocab_size"] == 320
+  _, model2, params2, _, _ = hf.load_model(str(tmp_path / "out"), vocab_multiple=1)
+  assert model2.cfg == imported[1].cfg
+  assert_trees_equal(params2, imported[2])
+
+
+def test_a_checkpoint_with_more_ids_than_the_model_is_refused(imported):
+  small = dataclasses.replace(imported[1].cfg, vocab_size=256)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(small, jax.random.key(0)))
+  with pytest.raises(ConfigError, match="has 320 token ids, more than model.vocab_size=256"):
+    hf.load_params(FOLDER, small, abstract)
+
+
 def test_export_refuses_what_gpt2_cannot_express(imported):
   _, model, _, _ = imported
   for change, word in (({"pos_encoding": "rope"}, "pos_encoding=rope"), ({"tie_embeddings": False}, "tie_embeddings"),
@@ -114,6 +139,7 @@ def test_fine_tuning_from_the_fixture_resumes_bitwise(tmp_path):
     c.data.update(dict(source="text", path=str(text), tokenizer="bpe", cache_dir=str(tmp_path / "cache"),
                        num_valid_batches=1))
     c.model.max_len = 64
+    c.model.vocab_multiple = 128  # the fixture's 320 ids padded to 384, as GPT-2's 50257 to 50304
     c.train.update(dict(batch_size=4, seq_len=32, steps=steps, eval_every=2, checkpoint_every=1, log_every=1,
                         num_samples=0))
     c.optim.update(dict(lr=1e-3, warmup_steps=0))
@@ -124,6 +150,7 @@ def test_fine_tuning_from_the_fixture_resumes_bitwise(tmp_path):
   assert any("fine-tuning from" in m and "GPT-2 weights" in m for m in messages), messages
   straight = runs.read_config(str(tmp_path / "straight"))
   assert (straight.model.num_layers, straight.model.embed_dim, straight.model.activation) == (2, 64, "gelu_tanh")
+  assert straight.model.vocab_size == 384
   assert tokenizer_lib.fingerprint(runs.read_tokenizer(str(tmp_path / "straight"))) == \
       tokenizer_lib.fingerprint(hf.load_tokenizer(FOLDER))
   first = losses(tmp_path / "straight")[1]
