@@ -54,6 +54,16 @@ def test_benchmark_reports_every_figure():
   assert r["measured_over_overlapped"] == r["measured_step_s"] / r["step_s_overlapped"] > 0
 
 
+def test_the_roofline_takes_the_closed_form_where_the_compiler_counts_less():
+  # As on an H200, where XLA's cost analysis saw 0.3% of GPT-2's FLOPs (the GEMMs are cuBLAS calls).
+  cost = {"micro_batches": 2, "flops": 1e9, "bytes": 1e6, "closed_form": 8e9}
+  r = benchmark.roofline_check(cost, peak=1e12, measured_step_s=0.02, B=4, T=32)
+  assert r["compute_flops"] == 8e9 and r["compute_s"] == pytest.approx(8e-3)
+  assert r["compute_flops_source"].startswith("closed form (the compiled count, 25.0% of it")
+  r = benchmark.roofline_check({**cost, "flops": 5e9}, peak=1e12, measured_step_s=0.02, B=4, T=32)
+  assert r["compute_flops"] == 1e10 and r["compute_flops_source"] == "compiled"
+
+
 def test_benchmark_without_generation():
   out = benchmark.benchmark(micro_config(), steps=1, warmup=0, repeats=1, generate=False,
                             peak_matmul_n=128)
