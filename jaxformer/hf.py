@@ -202,8 +202,11 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eot: int) -> dict:
           "vocab_size": vocab_size}
 
 
-def export(params, cfg: ModelConfig, tok: Tokenizer, out_dir: str) -> None:
-  """Writes `params` as an HF GPT-2 folder: config.json, model.safetensors, tokenizer files."""
+def export(params, cfg: ModelConfig, tok: Tokenizer, out_dir: str) -> int:
+  """Writes `params` as an HF GPT-2 folder: config.json, model.safetensors, tokenizer files.
+
+  Returns V as written: the tokenizer's ids, without the model's padding.
+  """
   from safetensors.numpy import save_file
   check_exportable(cfg)
   V = min(tokenizer_lib.vocab_size(tok), cfg.vocab_size)  # the padded ids' rows stay behind
@@ -229,6 +232,7 @@ def export(params, cfg: ModelConfig, tok: Tokenizer, out_dir: str) -> None:
       indent=2) + "\n")
   (out / "special_tokens_map.json").write_text(json.dumps(
       {"bos_token": tokenizer_lib.EOT, "eos_token": tokenizer_lib.EOT, "unk_token": tokenizer_lib.EOT}, indent=2) + "\n")
+  return V
 
 
 def load_model(source: str, mesh=None, vocab_multiple: int = 64):

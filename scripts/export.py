@@ -22,9 +22,9 @@ def main(argv):
   cli.flags_only(argv)
   logging.set_verbosity(logging.ERROR)
   config, model, params, tok, step, _ = checkpoint.load_run(_WORKDIR.value, _CHECKPOINT.value)
-  hf.export(params, model.cfg, tok, _OUT.value)
+  V = hf.export(params, model.cfg, tok, _OUT.value)
   print(f"wrote step {step} of {_WORKDIR.value} to {_OUT.value} (GPT-2, {model.cfg.num_layers} layers, "
-        f"C={model.cfg.embed_dim}, V={model.cfg.vocab_size})")
+        f"C={model.cfg.embed_dim}, V={V})")
 
 
 if __name__ == "__main__":

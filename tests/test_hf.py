@@ -98,7 +98,7 @@ def test_a_padded_import_scores_like_hf_and_exports_hf_s_rows(tmp_path, imported
   assert not table[320:].any()
   logits = np.asarray(model.apply({"params": params}, ARRAYS["ids"]))
   np.testing.assert_allclose(logits[..., :320], ARRAYS["logits"], atol=1e-4, rtol=0)
-  hf.export(params, model.cfg, tok, str(tmp_path / "out"))
+  assert hf.export(params, model.cfg, tok, str(tmp_path / "out")) == 320
   with open(tmp_path / "out" / "config.json") as f:
     assert json.load(f)["vocab_size"] == 320
   _, model2, params2, _, _ = hf.load_model(str(tmp_path / "out"), vocab_multiple=1)
