@@ -65,7 +65,7 @@ def read_config(folder: str) -> dict:
     return json.load(f)
 
 
-def model_values(hf: dict, vocab_multiple: int = 64) -> dict:
+def model_values(hf: dict, vocab_multiple: int) -> dict:
   """config.model values (dotted keys) for an HF GPT2Config, V padded to `vocab_multiple`."""
   if hf.get("model_type", "gpt2") != "gpt2":
     raise ConfigError(f"the checkpoint is a {hf.get('model_type')!r} model; only GPT-2 (model_type gpt2) imports.")
@@ -235,13 +235,16 @@ def export(params, cfg: ModelConfig, tok: Tokenizer, out_dir: str) -> int:
   return V
 
 
-def load_model(source: str, mesh=None, vocab_multiple: int = 64):
-  """(config, model, params, tokenizer, mesh) of an HF GPT-2 (`hf:NAME` or a folder), ready to sample."""
+def load_model(source: str, mesh=None, vocab_multiple: int | None = None):
+  """(config, model, params, tokenizer, mesh) of an HF GPT-2 (`hf:NAME` or a folder), ready to sample.
+
+  V is padded to `vocab_multiple`, by default the base config's model.vocab_multiple.
+  """
   from jaxformer import checkpoint, model as model_lib, sharding  # imported by train
   folder = resolve(source)
-  values = model_values(read_config(folder), vocab_multiple)
-  config = config_lib.apply_overrides(config_lib.base_config(), {**values,
-                                                                 "data.tokenizer": "bpe"}, source)
+  base = config_lib.base_config()
+  values = model_values(read_config(folder), vocab_multiple or base.model.vocab_multiple)
+  config = config_lib.apply_overrides(base, {**values, "data.tokenizer": "bpe"}, source)
   model = model_lib.Transformer(config_lib.model_config(config), config_lib.execution(config))
   mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
   abstract = checkpoint.abstract_like(
