@@ -191,6 +191,30 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(logits, forward(cfg)(params, tokens(8)), atol=0.1)
 
 
+def test_learned_positions_gradient_is_no_sum_over_the_batch():
+  """The position table is looked up per token, so its gradient scatters rows back.
+
+  Added as pos[:T] broadcast over B, its gradient was a sum over the batch axis of a
+  (B, T, C) array; XLA's GPU layout assignment then laid the whole residual stream out
+  B-minor, with a transpose at every residual add (gpt2 on an H200: 139 ms a step, not
+  127). tests/test_gpu.py checks the compiled layout itself on a GPU.
+  """
+  cfg = small_cfg()
+  params, x = init(cfg), tokens(3)
+  grad = jax.grad(lambda p: jnp.sum(forward(cfg)(p, x) ** 2))
+  eqns, stack = [], [jax.make_jaxpr(grad)(params).jaxpr]
+  while stack:  # the equations of the jaxpr and of every jaxpr inside it (pjit, custom_vjp, ...)
+    j = stack.pop()
+    eqns += j.eqns
+    stack += [getattr(v, "jaxpr", v) for e in j.eqns for v in e.params.values()
+              if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns")]
+  assert not [e for e in eqns if e.primitive.name == "reduce_sum" and e.params["axes"] == (0,)
+              and e.invars[0].aval.shape == (2, T, cfg.embed_dim)]
+  assert [e for e in eqns if e.primitive.name == "scatter-add" and e.outvars[0].aval.shape == (cfg.max_len, cfg.embed_dim)]
+  g = grad(params)["pos_embed"]
+  assert jnp.all(jnp.any(g[:T] != 0, axis=1)) and not jnp.any(g[T:])  # rows 0..T-1, each of them
+
+
 def test_init_statistics():
   cfg = small_cfg(embed_dim=128, num_heads=4)
   params = init(cfg)
