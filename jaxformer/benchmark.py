@@ -110,6 +110,7 @@ def benchmark_train(config, *, steps: int = 10, warmup: int = 2, repeats: int = 
       "step_ms_min": 1e3 * min(all_times),
       "tokens_per_s": B * T / step_s,
       "final_loss": loss,
+      "relayouts": aot.relayouts(compiled.as_text()),
       "_model": model,
       # For the roofline check: the compiled step's own counts per device (a scan's body counted once).
       "_cost": {"micro_batches": micro, "flops": float(cost.get("flops", 0.0)),

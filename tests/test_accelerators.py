@@ -165,6 +165,22 @@ ENTRY %main (p: f32[768]) -> f32[768] {
       "all-reduce": {"count": 2, "bytes": 4 * (768 + 3072)}}
 
 
+def test_relayouts_count_large_transposes_and_copies():
+  # From the H200's GPT-2 step while its residual stream was laid out B-minor: a (B, T, C)
+  # matmul output transposed into (T, C, B), a bf16 (B, T, C) copy; small or async copies and
+  # other ops are not relayouts.
+  hlo = """
+  %transpose.633.3 = bf16[1024,768,64]{2,1,0} transpose(%bitcast.205.3), dimensions={1,2,0}
+  %copy.1450 = f32[16,12,1024,128]{2,3,1,0:T(8,128)S(1)} copy(%get-tuple-element.11682)
+  %copy.7 = bf16[768,3]{0,1} copy(%p)
+  %copy-start.23 = (bf16[16,1024,768]{2,1,0}, bf16[16,1024,768]{2,1,0}, u32[]) copy-start(%x)
+  %add.116.1 = bf16[1024,768,64]{2,1,0} add(%param_0.3638, %transpose.633.3)
+"""
+  assert aot.relayouts(hlo) == {"count": 2, "bytes": 1024 * 768 * 64 * 2 + 16 * 12 * 1024 * 128 * 4}
+  assert aot.relayouts(hlo, min_elements=1) == {"count": 3, "bytes": 1024 * 768 * 64 * 2 + 16 * 12 * 1024 * 128 * 4
+                                                + 768 * 3 * 2}
+
+
 def test_large_preset_fits_v5p_with_fsdp_tensor_and_remat():
   c = preset("large", **{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2, "compute.remat": "save_attention_out",
                          "train.batch_size": 64})

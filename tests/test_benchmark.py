@@ -27,7 +27,7 @@ def test_benchmark_reports_every_figure():
   json.dumps(out)  # plain JSON types only
   for key in ("device", "jax", "params", "batch_size", "seq_len", "dtype", "kernels",
               "compile_s", "step_ms_median", "tokens_per_s", "mfu", "peak_flops", "peak_source",
-              "peak_rss_mb", "peak_rss_train_mb", "flops_per_token", "generation"):
+              "peak_rss_mb", "peak_rss_train_mb", "flops_per_token", "generation", "relayouts"):
     assert key in out, key
   assert (out["batch_size"], out["seq_len"], out["vocab_size"]) == (4, 32, 64)
   assert out["kernels"] == "cpu" and out["dtype"] == "float32" and out["micro_batches"] == 1
