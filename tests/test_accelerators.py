@@ -166,9 +166,10 @@ ENTRY %main (p: f32[768]) -> f32[768] {
 
 
 def test_relayouts_count_large_transposes_and_copies():
-  # From the H200's GPT-2 step while its residual stream was laid out B-minor: a (B, T, C)
-  # matmul output transposed into (T, C, B), a bf16 (B, T, C) copy; small or async copies and
-  # other ops are not relayouts.
+  # Lines from compiled steps: the H200's GPT-2 step transposing a (B, T, C) matmul output
+  # into (T, C, B) (while its residual stream was laid out B-minor), and the TPU splash
+  # kernel's lane-padded logsumexp copied to another layout. Small or async copies and other
+  # ops are not relayouts.
   hlo = """
   %transpose.633.3 = bf16[1024,768,64]{2,1,0} transpose(%bitcast.205.3), dimensions={1,2,0}
   %copy.1450 = f32[16,12,1024,128]{2,3,1,0:T(8,128)S(1)} copy(%get-tuple-element.11682)
