@@ -78,6 +78,11 @@ def _bytes_per_device(abstract_tree, sharding_tree) -> int:
   return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x, s in zip(leaves, shards))
 
 
+def _elements(dims: str) -> int:
+  """Elements of an HLO shape's dimensions, "1024,768" -> 786432 ("" is a scalar)."""
+  return math.prod(int(d) for d in dims.split(",") if d)
+
+
 def collectives(hlo: str) -> dict:
   """{kind: {"count": n, "bytes": b}} of the collectives in compiled HLO text, per device.
 
@@ -99,7 +104,7 @@ def collectives(hlo: str) -> dict:
     if not m:
       continue
     shapes = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))
-    sizes = [math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(t, 4) for t, dims in shapes]
+    sizes = [_elements(dims) * _BYTES.get(t, 4) for t, dims in shapes]
     # A start's result holds its operand and its result: the larger is what moves.
     arrays, size = (1, max(sizes)) if m.group(3) else (len(sizes), sum(sizes))
     kind = m.group(2)
@@ -125,7 +130,7 @@ def relayouts(hlo: str, min_elements: int = 1 << 20) -> dict:
   """
   count, size = 0, 0
   for t, dims in re.findall(r"=\s*([a-z]+\d*)\[([\d,]*)\]\{[^}]*\}\s(?:transpose|copy)\(", hlo):
-    n = math.prod(int(d) for d in dims.split(",") if d)
+    n = _elements(dims)
     if n >= min_elements:
       count, size = count + 1, size + n * _BYTES.get(t, 4)
   return {"count": count, "bytes": size}
