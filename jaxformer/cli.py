@@ -16,6 +16,7 @@ import os
 import re
 import sys
 
+import filelock
 import jax
 from absl import app, flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
@@ -56,6 +57,51 @@ def skip_absent_tpu() -> None:
     return
   if chips == 0:
     jax.config.update("jax_platforms", "cpu")
+
+
+CACHE = os.path.join("~", ".cache", "jaxformer", "xla")  # beside the data cache's default
+CACHE_BYTES = 2 << 30
+
+
+def compilation_cache() -> str | None:
+  """Keeps compiled steps and decode loops across runs; returns the folder, or None when off.
+
+  A resumed, repeated or sampled run then loads its executables instead of compiling
+  them again. The folder is JAX's persistent compilation cache: JAX_COMPILATION_CACHE_DIR
+  when set (empty turns it off; on a pod, a bucket all hosts share, as JAX writes from
+  process 0 only), else CACHE. A local folder holds at most CACHE_BYTES
+  (JAX_COMPILATION_CACHE_MAX_SIZE), the least recently used entries evicted first; one
+  that cannot be written is skipped, and the run compiles as before.
+  """
+  path = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser(CACHE))
+  if not path:
+    return None
+  if "://" not in path:
+    try:
+      os.makedirs(path, exist_ok=True)
+      if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", CACHE_BYTES)
+      if jax.config.jax_compilation_cache_max_size != -1:  # JAX writes -atime files only with a bound
+        drop_torn_entries(path)
+    except (OSError, filelock.Timeout):
+      jax.config.update("jax_compilation_cache_dir", None)  # else JAX warns at every compile
+      return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
+def drop_torn_entries(path: str) -> None:
+  """Deletes the cache entries a killed process left half-written.
+
+  Under the folder's lock, JAX writes an entry's `-cache` file, then its `-atime`
+  file; a `-cache` file without its `-atime` is a write cut short (kill -9). JAX would
+  fail to read it, warn and compile at every start, and never write it again.
+  """
+  with filelock.FileLock(os.path.join(path, ".lockfile"), timeout=10):
+    names = set(os.listdir(path))
+    for name in names:
+      if name.endswith("-cache") and name[:-len("cache")] + "atime" not in names:
+        os.remove(os.path.join(path, name))
 
 
 def fail(message: str):

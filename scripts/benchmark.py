@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -39,6 +40,7 @@ def main(argv):
   config = _CONFIG.value
   config_lib.validate(config)
   malloc_set = allocator.configure()  # as scripts/train.py does
+  jax.config.update("jax_enable_compilation_cache", False)  # compile_s times a compile, not a cache read
   log = (lambda _: None) if _QUIET.value else (lambda msg: print(msg, file=sys.stderr, flush=True))
   result = benchmark.benchmark(
       config, steps=_STEPS.value, warmup=_WARMUP.value, repeats=_REPEATS.value,

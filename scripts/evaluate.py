@@ -27,6 +27,7 @@ with cli.flag_errors():  # ml_collections reads the --config.KEY overrides here
 
 def main(argv):
   cli.flags_only(argv)
+  cli.compilation_cache()  # the next evaluation of the same shapes loads its compiled step
   logging.set_verbosity(logging.ERROR)  # Orbax logs every restore
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   result = evaluate.evaluate_run(_WORKDIR.value, _CHECKPOINT.value, overrides)

@@ -38,6 +38,7 @@ with cli.flag_errors():  # ml_collections reads the --config.KEY overrides here
 
 def main(argv):
   cli.flags_only(argv)
+  cli.compilation_cache()  # the next call with the same shapes loads the compiled decode loop
   logging.set_verbosity(logging.ERROR)
   if _NUM.value < 1:
     raise cli.UsageError(f"--num_samples must be at least 1, got {_NUM.value}.")

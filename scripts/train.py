@@ -25,6 +25,7 @@ def main(argv):
   config = _CONFIG.value
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename.split(":")[0]))[0]
   workdir = _WORKDIR.value or os.path.join("runs", name)
+  cli.compilation_cache()  # a resumed or repeated run loads its compiled step
   allocator.configure()  # XLA:CPU reuses its large buffers instead of page-faulting them every step
   summary = train.train_and_evaluate(config, workdir)
   print(train.summary_line(summary), flush=True)

@@ -1,19 +1,21 @@
 """The command-line contract: train, resume, sample; bad flags give one clear line."""
 
+import json
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from jaxformer import train
+from jaxformer import cli, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def script(name, *args, cwd=ROOT):
+def script(name, *args, cwd=ROOT, env=None):
   return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args], capture_output=True,
-                        text=True, timeout=600, cwd=cwd)
+                        text=True, timeout=600, cwd=cwd, env=env)
 
 
 MICRO = ["--config.model.num_layers=1", "--config.model.num_heads=2", "--config.model.embed_dim=32",
@@ -102,3 +104,55 @@ def test_sigterm_saves_a_checkpoint_and_exits_resumable(tmp_path):
   assert "(signal 15)" in out
   steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
   assert steps and max(steps) >= 5
+
+
+def test_a_second_run_loads_its_compiled_step_and_a_torn_cache_entry_is_written_again(tmp_path):
+  # The default cache, in a home of this test's own; every compile cached (JAX skips those under 1 s).
+  env = {**os.environ, "HOME": str(tmp_path / "home"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"):
+    env.pop(key, None)
+  xla = tmp_path / "home" / ".cache" / "jaxformer" / "xla"
+
+  def train(name):
+    out = script("train.py", f"--workdir={tmp_path / name}", "--config.train.steps=2",
+                 f"--config.data.cache_dir={tmp_path / 'cache'}", *MICRO, "--config.train.num_samples=0", env=env)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "compilation cache" not in out.stderr, out.stderr[-2000:]
+    return [json.loads(line)["train/loss"] for line in open(tmp_path / name / "metrics.jsonl") if "train/loss" in line]
+
+  def entries():
+    return {p.name: p.read_bytes() for p in xla.iterdir() if p.name != ".lockfile"}
+
+  losses = train("a")
+  first = entries()
+  step = next(n for n in first if n.startswith("jit_train_step-") and n.endswith("-cache"))
+  stamp = step[:-len("cache")] + "atime"
+  # The second run read the step from the cache (JAX stamps an entry's -atime when it reads it)
+  # and compiled nothing new; it trains the same numbers.
+  assert train("b") == losses
+  second = entries()
+  assert second.keys() == first.keys()
+  assert int.from_bytes(second[stamp], "little") > int.from_bytes(first[stamp], "little")
+  # A write cut short by kill -9: half the entry and no -atime. JAX alone would warn at every start
+  # and never write it again; the next run drops it and writes it whole.
+  (xla / step).write_bytes(first[step][:len(first[step]) // 2])
+  (xla / stamp).unlink()
+  assert train("c") == losses
+  third = entries()
+  assert third.keys() == first.keys() and len(third[step]) > len(first[step]) // 2
+
+
+def test_a_compilation_cache_that_cannot_be_made_is_skipped(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+  assert cli.compilation_cache() is None  # turned off
+  (tmp_path / "file").write_text("")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "file" / "xla"))  # a folder under a file
+  before = jax.config.jax_compilation_cache_dir
+  assert cli.compilation_cache() is None and jax.config.jax_compilation_cache_dir is None
+  jax.config.update("jax_compilation_cache_dir", before)
+  # Entries with their -atime stay; one without it (a write cut short) goes.
+  for name in ("a-1-cache", "a-1-atime", "b-2-cache"):
+    (tmp_path / name).write_bytes(b"x")
+  cli.drop_torn_entries(str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(("cache", "atime"))) == ["a-1-atime", "a-1-cache"]
