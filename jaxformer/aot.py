@@ -53,6 +53,11 @@ def topology_devices(name: str) -> list:
   # libtpu guards a real TPU with a lock file, one process at a time; compiling needs no TPU,
   # so several processes on one host (test workers, a sweep's pre-flights) may load it at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if jax.config.jax_platforms == "cpu":  # no TPU here (cli.skip_absent_tpu): libtpu would ask this
+    # host's metadata for its slice, fail, and print six lines of warnings and an INVALID_ARGUMENT
+    # error that read like a failed compile. The topology is named, so any answer will do.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   try:
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
   except Exception as err:  # libtpu's own message says which part it could not parse

@@ -205,9 +205,10 @@ def test_compile_script_prints_json_and_refuses_unknown_topologies():
   assert out.returncode == 0, out.stderr[-3000:]
   r = json.loads(out.stdout)
   assert r["fits"] and r["decode"]["bytes_per_device"] > 0 and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert "TPU_WORKER_HOSTNAMES" not in out.stderr and "E0000" not in out.stderr, out.stderr[-3000:]  # libtpu's noise
   bad = subprocess.run(multihost.script("compile.py", "--topology=v9z:1x1"), capture_output=True, text=True,
                        timeout=300, cwd=multihost.ROOT, env=multihost.env())
-  assert bad.returncode == 1 and "is not a TPU slice libtpu knows" in bad.stderr.splitlines()[-1]
+  assert bad.returncode == 1 and "is not a TPU slice libtpu knows" in bad.stderr.splitlines()[-1], bad.stderr
 
 
 def test_scripts_keep_jax_off_an_absent_tpu():
