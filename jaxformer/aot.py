@@ -1,10 +1,14 @@
-"""Will it fit? The real train step compiled ahead of time for a TPU slice, on any host.
+"""Will it fit? The real train step compiled ahead of time for a TPU slice or GPU hosts, on any host.
 
 `jax.experimental.topologies` gives the abstract devices of a slice ("v5e:4x4") from
 libtpu, without the chips; `jax.jit(...).lower(abstract args).compile()` is then the
 TPU compiler's own executable for that slice. Its memory and cost analyses are per
 device, and its HLO names every collective the step will run. From those and the
-chip's data sheet (`chips.py`) comes a roofline estimate of the step time.
+chip's data sheet (`chips.py`) comes a roofline estimate of the step time. NVIDIA
+GPUs ("h100:8") compile the same way through the CUDA plugin and a description of
+the card (`GPU_TARGETS`); XLA's GPU compiler gives memory and HLO without a GPU but
+no cost analysis, so the GPU report has no roofline (scripts/benchmark.py measures
+the step on the card).
 
 FLOP convention (the one MFU uses everywhere here): `metrics.flops_per_token`,
 6N + 12·L·T·C per token, causal attention counted as dense (as nanoGPT and PaLM
@@ -38,13 +42,67 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 CHAR_VOCAB = 64
 # A fit leaves at least this fraction of HBM free: XLA's runtime and fragmentation need some.
 MIN_HEADROOM = 0.05
+# On a GPU a fifth: gpt2's B=64 step on an H200 peaked at 36.7 GiB in use against the 30.6 GiB of
+# its compiled arguments and temporaries (the process also holds cuBLAS/cuDNN workspaces).
+MIN_HEADROOM_GPU = 0.2
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
           "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 GiB = 2 ** 30
 
 
+# NVIDIA cards XLA compiles for without one, from XLA's own target descriptions
+# (xla/backends/gpu/target_config/specs/*.txtpb): device kind, compute capability, SMs,
+# FP32 units per SM, shared memory per SM and per block (opt-in), L2 bytes, clock (GHz).
+# Memory size and bandwidth come from chips.CHIPS.
+GPU_TARGETS = {
+    "a100": ("NVIDIA A100-SXM4-80GB", 8, 108, 64, 167936, 166912, 41943040, 1.41),
+    "h100": ("NVIDIA H100 80GB HBM3", 9, 132, 128, 233472, 232448, 52428800, 1.98),
+    "h200": ("NVIDIA H200 141GB HBM3e", 9, 132, 128, 233472, 232448, 52428800, 1.98),
+}
+
+
+def gpu_target_config(family: str) -> str:
+  """XLA's GpuTargetConfigProto for one of GPU_TARGETS, in text form."""
+  kind, major, cores, fpus, smem_core, smem_optin, l2, ghz = GPU_TARGETS[family]
+  chip = chips.find(kind)
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_core} shared_memory_per_block_optin: {smem_optin}
+  threads_per_core_limit: 2048 core_count: {cores} fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  thread_dim_limit_x: 1024 thread_dim_limit_y: 1024 thread_dim_limit_z: 64
+  memory_bandwidth: {int(chip.hbm_bandwidth)} l2_cache_size: {l2} clock_rate_ghz: {ghz}
+  device_memory_size: {int(chip.hbm_bytes)} cuda_compute_capability {{ major: {major} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+device_description_str: "{kind}"
+"""
+
+
+def gpu_devices(name: str) -> list:
+  """The abstract devices of `name` ("h100:8", 8 GPUs on a host; "h100:2x8", 2 such hosts); no GPU needed."""
+  m = re.fullmatch(r"([a-z0-9]+):(?:(\d+)x)?(\d+)", name.lower())
+  if m is None or int(m.group(3)) < 1 or int(m.group(2) or 1) < 1:
+    raise ConfigError(f"--topology={name!r}: a GPU topology is KIND:GPUS or KIND:HOSTSxGPUS, e.g. h100:8 or "
+                      "h100:2x8.")
+  try:
+    import jax_cuda12_plugin  # noqa: F401  (JAX loads the compiler itself; cuDNN answers its version check)
+  except ImportError:
+    raise ConfigError("compiling for a GPU on this host needs the CUDA plugin and cuDNN: "
+                      "pip install -e '.[gpu-compile]' (about 1.6 GB).") from None
+  from jax.experimental import topologies
+  family, hosts, gpus = m.group(1), int(m.group(2) or 1), int(m.group(3))
+  return list(topologies.get_topology_desc(family, platform="cuda", target_config=gpu_target_config(family),
+                                           topology=f"1x{hosts}x{gpus}").devices)
+
+
 def topology_devices(name: str) -> list:
-  """The abstract devices of TPU slice `name` ("v5e:2x2", "v5p:2x2x1"); needs libtpu, not a TPU."""
+  """The abstract devices of TPU slice `name` ("v5e:2x2", "v5p:2x2x1") or GPU hosts ("h100:8"); no TPU
+  or GPU needed."""
+  if name.split(":")[0].lower() in GPU_TARGETS:
+    return gpu_devices(name)
   try:
     import libtpu  # noqa: F401  (the TPU compiler; jax loads it itself)
   except ImportError:
@@ -62,7 +120,8 @@ def topology_devices(name: str) -> list:
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
   except Exception as err:  # libtpu's own message says which part it could not parse
     raise ConfigError(f"--topology={name!r} is not a TPU slice libtpu knows ({str(err).splitlines()[0]}); "
-                      "use e.g. v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x1 or v6e:2x2.") from None
+                      "use e.g. v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x1 or v6e:2x2, or GPUs: "
+                      f"{', '.join(f'{g}:8' for g in GPU_TARGETS)}.") from None
 
 
 def real_vocab_size(config) -> int:
@@ -189,7 +248,7 @@ def compile_train_step(config, devices) -> dict:
     return out
   mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
   hlo = compiled.as_text()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # none from XLA's GPU compiler
   memory.update(temporaries=mem.temp_size_in_bytes,
                 outputs_not_aliased=mem.output_size_in_bytes - mem.alias_size_in_bytes,
                 generated_code=mem.generated_code_size_in_bytes)
@@ -254,7 +313,7 @@ def roofline(result: dict, chip: chips.Chip, batch_size: int, seq_len: int) -> d
           "mfu": result["flops"]["closed_form"] / (step * chip.bf16_flops)}
 
 
-def advice(memory: dict, hbm: float, config) -> str:
+def advice(memory: dict, hbm: float, config, keep: float = MIN_HEADROOM) -> str:
   """One sentence: what does not fit, its largest term, and the knob that shrinks it."""
   terms = {k: v for k, v in memory.items() if k in ("params", "optimizer_state", "temporaries", "batch")}
   largest = max(terms, key=terms.get)
@@ -266,17 +325,18 @@ def advice(memory: dict, hbm: float, config) -> str:
       "batch": "lower train.batch_size or spread it over more chips (mesh.data, mesh.fsdp)",
   }[largest]
   return (f"does not fit: {memory['total'] / GiB:.2f} GiB per chip needed, {hbm / GiB:.2f} GiB of HBM "
-          f"(keeping {MIN_HEADROOM:.0%} free); the largest term is {largest.replace('_', ' ')} "
+          f"(keeping {keep:.0%} free); the largest term is {largest.replace('_', ' ')} "
           f"({terms[largest] / GiB:.2f} GiB): {knob}.")
 
 
 def report(config, topology: str, decode: bool = True) -> dict:
-  """The JSON-able pre-flight report of `config` on TPU slice `topology`."""
+  """The JSON-able pre-flight report of `config` on TPU slice or GPU hosts `topology`."""
   devices = topology_devices(topology)
   chip = chips.find(devices[0].device_kind)
   result = compile_train_step(config, devices)
   model, memory, t = result["model"], result["memory"], config.train
-  usable = chip.hbm_bytes * (1 - MIN_HEADROOM)
+  keep = MIN_HEADROOM_GPU if devices[0].platform == "gpu" else MIN_HEADROOM
+  usable = chip.hbm_bytes * (1 - keep)
   fits = result["compiled"] is not None and memory["total"] <= usable
   out = {
       "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
@@ -290,18 +350,22 @@ def report(config, topology: str, decode: bool = True) -> dict:
       "fits": fits, "headroom": 1 - memory["total"] / chip.hbm_bytes,
   }
   if not fits:
-    out["advice"] = advice(memory, usable, config)
+    out["advice"] = advice(memory, usable, config, keep)
     return out
-  flops = result["flops"]
+  flops, gpu = result["flops"], devices[0].platform == "gpu"
+  convention = "closed_form = (6N + 12*L*T*C) per token (causal attention counted dense, remat not counted)"
   out.update({
-      "flops_per_device": {**flops, "compiled_over_closed_form": flops["compiled_total"] / flops["closed_form"]},
-      "flop_convention": ("closed_form = (6N + 12*L*T*C) per token (causal attention counted dense, remat not "
-                          "counted); attention_kernel = the splash kernel's own count of the blocks it computes "
-                          "(XLA's cost analysis cannot see inside a Pallas kernel)"),
+      "flops_per_device": ({"closed_form": flops["closed_form"]} if gpu else
+                           {**flops, "compiled_over_closed_form": flops["compiled_total"] / flops["closed_form"]}),
+      "flop_convention": convention + ("" if gpu else "; attention_kernel = the splash kernel's own count of the "
+                                       "blocks it computes (XLA's cost analysis cannot see inside a Pallas kernel)"),
       "collectives": result["collectives"],
       "relayouts": result["relayouts"],
-      "roofline": roofline(result, chip, t.batch_size, t.seq_len),
+      "roofline": None if gpu else roofline(result, chip, t.batch_size, t.seq_len),
   })
+  if gpu:
+    out["roofline_note"] = ("XLA's GPU compiler gives no cost analysis without a GPU (no compiled FLOPs or bytes), "
+                            "so there is no roofline; scripts/benchmark.py measures the step on the card.")
   if decode:
     out["decode"] = compile_decode(config, devices)
   return out

@@ -11,6 +11,7 @@ as ml_collections reads the --config.KEY overrides while defining it) and ends w
 """
 
 import contextlib
+import glob
 import importlib.util
 import os
 import re
@@ -44,11 +45,12 @@ def skip_absent_tpu() -> None:
   """Keeps JAX on the CPU where libtpu is installed (the dev and tpu extras) but no TPU chip is.
 
   JAX would otherwise probe for a TPU at start-up and print libtpu's warnings. Left
-  alone: a JAX_PLATFORMS the user set, a host with TPU chips, a host with a GPU plugin.
+  alone: a JAX_PLATFORMS the user set, a host with TPU chips, a host with a GPU (a GPU
+  plugin alone, as the gpu-compile extra installs it, is no GPU).
   """
   if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
     return
-  if importlib.util.find_spec("jax_plugins") is not None or importlib.util.find_spec("jax_cuda12_plugin"):
+  if glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"):  # NVIDIA or AMD GPUs
     return
   try:
     from jax._src import hardware_utils  # JAX's own check for TPU chips on the PCI bus

@@ -3,6 +3,7 @@ remat policies, and the real train step compiled for TPU slices through libtpu (
 """
 
 import importlib
+import itertools
 import json
 import math
 import subprocess
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer import aot
+from jaxformer import aot, chips
 from jaxformer import config as config_lib
 from jaxformer import model as M
 from jaxformer.kernels import attention
@@ -220,3 +221,52 @@ def test_scripts_keep_jax_off_an_absent_tpu():
                        cwd=multihost.ROOT, env=env)
   assert out.returncode == 0 and out.stdout.split() == ["cpu", "cpu"], out.stderr[-2000:]
   assert "libtpu" not in out.stderr and "TPU" not in out.stderr, out.stderr[-2000:]
+
+
+# --- NVIDIA GPUs, compiled here through the CUDA plugin (the gpu-compile extra; not in CI's dev install) ---
+
+needs_cuda_plugin = pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                                       reason="needs the CUDA plugin and cuDNN: pip install -e '.[gpu-compile]'")
+
+
+def test_gpu_topologies_are_named_kind_and_count_and_need_the_plugin():
+  for bad in ("h100:0", "h100:x8", "h100:2x"):
+    with pytest.raises(config_lib.ConfigError, match="a GPU topology is KIND:GPUS or KIND:HOSTSxGPUS"):
+      aot.topology_devices(bad)
+  if importlib.util.find_spec("jax_cuda12_plugin") is None:  # CI: the sentence says how to get it
+    with pytest.raises(config_lib.ConfigError, match=r"needs the CUDA plugin and cuDNN: pip install -e '\.\[gpu-compile\]'"):
+      aot.topology_devices("h100:8")
+  else:
+    devices = aot.topology_devices("h200:2x4")
+    assert len(devices) == 8 and sorted({d.process_index for d in devices}) == [0, 1]
+    assert chips.find(devices[0].device_kind).name == "H200 SXM"
+
+
+@needs_cuda_plugin
+def test_gpt2_compiles_for_eight_h100s_with_cudnn_and_fsdp():
+  r = aot.report(preset("gpt2", **{"model.num_layers": 2, "train.batch_size": 64, "mesh.data": 1, "mesh.fsdp": 8}),
+                 "h100:8", decode=False)
+  assert r["fits"] and r["device_kind"] == "NVIDIA H100 80GB HBM3" and r["execution"]["kernels"] == "cudnn"
+  assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and r["roofline"] is None
+  # FSDP: parameters gathered, gradients reduce-scattered (XLA's GPU compiler combines them into
+  # few large collectives), and never an all-to-all.
+  assert {"all-gather", "reduce-scatter"} <= set(r["collectives"]) and "all-to-all" not in r["collectives"]
+  assert 0 < r["memory_gib_per_device"]["total"] < 10
+  # A GPU keeps a fifth of its memory free (the card's own workspaces); what does not fit says why.
+  big = aot.report(preset("gpt2", **{"model.num_layers": 2, "train.batch_size": 512}), "a100:1", decode=False)
+  assert not big["fits"] and "(keeping 20% free); the largest term is temporaries" in big["advice"], big["advice"]
+
+
+@needs_cuda_plugin
+def test_the_gpu_step_keeps_rows_first_layout_without_a_gpu():
+  """As test_gpu.py's test on a real card: compiled for an H100 here, the B=64 step of two GPT-2
+  blocks holds no (T, C, B)-like array (the model before the per-token position lookup held 34)."""
+  B = 64
+  compiled = aot.compile_train_step(preset("gpt2", **{"model.num_layers": 2, "train.batch_size": B}),
+                                    aot.topology_devices("h100:1"))["compiled"]
+  hlo = compiled.as_text()
+  assert "__cudnn$fmha" in hlo
+  for shape in itertools.permutations((B, 1024, 768)):
+    if shape != (B, 1024, 768):
+      assert f"[{','.join(map(str, shape))}]" not in hlo, shape
+  assert aot.relayouts(hlo)["count"] == 0
