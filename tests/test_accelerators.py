@@ -183,6 +183,18 @@ def test_relayouts_count_large_transposes_and_copies():
                                                 + 768 * 3 * 2}
 
 
+def test_hlo_bytes_is_the_cost_analysis_count_and_scales_the_loop():
+  """aot.hlo_bytes, the GPU estimate's memory term, counts as XLA's cost analysis does (a loop body
+  once) on a compiled CPU program; given the loop's trips it counts the body that many times."""
+  def f(x, w):
+    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w) * 2 + 1, None), x, None, length=3)[0].sum()
+  compiled = jax.jit(f).lower(jnp.ones((256, 512)), jnp.ones((512, 512))).compile()
+  hlo, xla = compiled.as_text(), compiled.cost_analysis()["bytes accessed"]
+  assert abs(aot.hlo_bytes(hlo) - xla) / xla < 1e-3, (aot.hlo_bytes(hlo), xla)
+  body = (aot.hlo_bytes(hlo, loop_trips=3) - aot.hlo_bytes(hlo)) / 2
+  assert 4 * (2 * 256 * 512 + 512 * 512) <= body < 2 * xla  # at least the matmul's operands and result
+
+
 def test_large_preset_fits_v5p_with_fsdp_tensor_and_remat():
   c = preset("large", **{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2, "compute.remat": "save_attention_out",
                          "train.batch_size": 64})
@@ -247,7 +259,11 @@ def test_gpt2_compiles_for_eight_h100s_with_cudnn_and_fsdp():
   r = aot.report(preset("gpt2", **{"model.num_layers": 2, "train.batch_size": 64, "mesh.data": 1, "mesh.fsdp": 8}),
                  "h100:8", decode=False)
   assert r["fits"] and r["device_kind"] == "NVIDIA H100 80GB HBM3" and r["execution"]["kernels"] == "cudnn"
-  assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and r["roofline"] is None
+  assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and r["flops_per_device"].keys() == {"closed_form"}
+  # Its estimate: the closed form's FLOPs, the HLO's own bytes, the collectives over NVLink.
+  ro = r["roofline"]
+  assert ro["compute_s"] == pytest.approx(r["flops_per_device"]["closed_form"] / 989e12)
+  assert ro["memory_s"] > 0 and ro["network_s"] > 0 and 0 < ro["mfu_serial"] < ro["mfu"] <= 1
   # FSDP: parameters gathered, gradients reduce-scattered (XLA's GPU compiler combines them into
   # few large collectives), and never an all-to-all.
   assert {"all-gather", "reduce-scatter"} <= set(r["collectives"]) and "all-to-all" not in r["collectives"]
