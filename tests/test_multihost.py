@@ -45,7 +45,11 @@ def wait_for_step(workdir: str, step: int, procs, timeout: float) -> None:
     if any(r.get("step", 0) >= step for r in runs.read_metrics(workdir)):
       return
     time.sleep(0.05)
-  raise AssertionError(f"{workdir} did not reach step {step}: " + procs[0].communicate()[1][-3000:])
+  for p in procs:  # one may wait for the other in a collective: stop both, then read what each said
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+  said = [f"process {i} (exit {p.wait()}): {p.communicate()[1][-1500:]}" for i, p in enumerate(procs)]
+  raise AssertionError(f"{workdir} did not reach step {step}:\n" + "\n".join(said))
 
 
 def test_two_processes_train_every_mesh_resume_from_preemption_and_sample_like_one(tmp_path):
