@@ -147,6 +147,11 @@ def _elements(dims: str) -> int:
   return math.prod(int(d) for d in dims.split(",") if d)
 
 
+def _array_bytes(shape: str) -> list[int]:
+  """Bytes of each array of an HLO shape: "(f32[8]{0}, bf16[2,4]{1,0})" -> [32, 16]."""
+  return [_elements(dims) * _BYTES.get(t, 4) for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape)]
+
+
 def collectives(hlo: str) -> dict:
   """{kind: {"count": n, "bytes": b}} of the collectives in compiled HLO text, per device.
 
@@ -167,8 +172,7 @@ def collectives(hlo: str) -> dict:
     m = op.search(line)
     if not m:
       continue
-    shapes = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1))
-    sizes = [_elements(dims) * _BYTES.get(t, 4) for t, dims in shapes]
+    sizes = _array_bytes(m.group(1))
     # A start's result holds its operand and its result: the larger is what moves.
     arrays, size = (1, max(sizes)) if m.group(3) else (len(sizes), sum(sizes))
     kind = m.group(2)
@@ -184,9 +188,6 @@ def collectives(hlo: str) -> dict:
   return dict(found)
 
 
-def _shape_bytes(shape: str) -> int:
-  """Bytes of an HLO shape, tuples summed: "(f32[8]{0}, bf16[2,4]{1,0})" -> 48."""
-  return sum(_elements(dims) * _BYTES.get(t, 4) for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape))
 
 
 def hlo_bytes(hlo: str, loop_trips: int = 1) -> float:
@@ -217,7 +218,8 @@ def hlo_bytes(hlo: str, loop_trips: int = 1) -> float:
       ops[computation].append((shape, re.findall(r"%([^,\s)]+)", operands)))
 
   def cost(comp: str) -> int:
-    own = sum(_shape_bytes(out) + sum(_shape_bytes(shapes.get(x, "")) for x in args) for out, args in ops[comp])
+    own = sum(sum(_array_bytes(out)) + sum(sum(_array_bytes(shapes.get(x, ""))) for x in args)
+              for out, args in ops[comp])
     return own + (loop_trips if comp == "ENTRY" else 1) * sum(cost(b) for b in bodies[comp])
 
   return float(cost("ENTRY"))
@@ -378,7 +380,8 @@ def report(config, topology: str, decode: bool = True) -> dict:
   chip = chips.find(devices[0].device_kind)
   result = compile_train_step(config, devices)
   model, memory, t = result["model"], result["memory"], config.train
-  keep = MIN_HEADROOM_GPU if devices[0].platform == "gpu" else MIN_HEADROOM
+  gpu = devices[0].platform == "gpu"
+  keep = MIN_HEADROOM_GPU if gpu else MIN_HEADROOM
   usable = chip.hbm_bytes * (1 - keep)
   fits = result["compiled"] is not None and memory["total"] <= usable
   out = {
@@ -395,7 +398,7 @@ def report(config, topology: str, decode: bool = True) -> dict:
   if not fits:
     out["advice"] = advice(memory, usable, config, keep)
     return out
-  flops, gpu = result["flops"], devices[0].platform == "gpu"
+  flops = result["flops"]
   convention = "closed_form = (6N + 12*L*T*C) per token (causal attention counted dense, remat not counted)"
   out.update({
       "flops_per_device": ({"closed_form": flops["closed_form"]} if gpu else
