@@ -1,6 +1,8 @@
 """Launching several JAX processes on 127.0.0.1 for the multi-host tests, each bounded by a timeout."""
 
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,10 +21,36 @@ TINY = {"model.num_layers": 1, "model.num_heads": 4, "model.embed_dim": 32, "mod
         "compute.kernels": "reference"}  # compiles in half the time of the CPU kernels
 
 
+def _port_stretch() -> range:
+  """This process's stretch of ports: below the ephemeral range, one stretch per xdist worker."""
+  low = max(int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0]), 14000)
+  worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
+  size = (low - 10000) // 4
+  start = 10000 + (worker % 4) * size
+  return range(start, start + size)
+
+
+_STRETCH = _port_stretch()
+_next_port = itertools.count(random.Random(os.getpid()).randrange(len(_STRETCH)))
+
+
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  """A coordinator port never handed out before by this process, and free now.
+
+  Not bind(0)'s: it lies in the ephemeral range, where the same port can come back to the next
+  caller, or go to a connection or a gloo listener, before the coordinator binds it. The
+  coordinator's gRPC server sets SO_REUSEPORT, so two coordinators on one port share it without an
+  error and the processes of two runs join each other's collectives.
+  """
+  for _ in range(len(_STRETCH)):
+    port = _STRETCH[next(_next_port) % len(_STRETCH)]
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+    return port
+  raise RuntimeError(f"no free port in {_STRETCH}")
 
 
 def distributed(port: int, num_processes: int, process_id: int) -> dict:

@@ -6,9 +6,11 @@ evaluates there as on 1 process (its checkpoint restored onto another mesh); a m
 that cannot be laid out is refused on every process.
 """
 
+import itertools
 import json
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -50,6 +52,20 @@ def wait_for_step(workdir: str, step: int, procs, timeout: float) -> None:
       os.killpg(p.pid, signal.SIGKILL)
   said = [f"process {i} (exit {p.wait()}): {p.communicate()[1][-1500:]}" for i, p in enumerate(procs)]
   raise AssertionError(f"{workdir} did not reach step {step}:\n" + "\n".join(said))
+
+
+def test_coordinator_ports_never_repeat_and_stay_out_of_the_ephemeral_range(monkeypatch):
+  # bind(0) handed the same port to two calls in a row 1 time in 2000 here, and a second
+  # coordinator on a port shares it silently (SO_REUSEPORT): its processes then join the first run's.
+  low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+  ports = [multihost.free_port() for _ in range(3000)]
+  assert len(set(ports)) == len(ports)
+  assert all(10000 <= p < max(low, 14000) for p in ports)
+  monkeypatch.setattr(multihost, "_next_port", itertools.count(0))
+  with socket.socket() as held:  # a port something holds is skipped
+    held.bind(("127.0.0.1", multihost._STRETCH[0]))
+    held.listen()
+    assert multihost.free_port() == multihost._STRETCH[1]
 
 
 def test_two_processes_train_every_mesh_resume_from_preemption_and_sample_like_one(tmp_path):
