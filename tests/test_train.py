@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxformer import checkpoint, config as config_lib, model as model_lib, optim, runs, train
+from jaxformer import aot, checkpoint, config as config_lib, model as model_lib, optim, runs, train
 from jaxformer.config import ConfigError
 
 
@@ -331,3 +331,29 @@ def test_padded_vocabulary_is_never_scored():
   assert float(train.cross_entropy(logits, batch)[0]) > float(masked) + 1.0  # unmasked, padding takes mass
   grad = jax.grad(lambda x: train.cross_entropy(x, batch, valid_vocab=66)[0])(logits)
   assert float(jnp.max(jnp.abs(grad[..., 66:]))) == 0.0 and float(jnp.max(jnp.abs(grad[..., :66]))) > 0.0
+
+
+def test_logsumexp_is_jaxs_in_one_pass_over_the_logits():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(3, 5, 300)).astype(np.float32) * 30).at[..., 250:].set(-jnp.inf)
+  x = x.at[0, 0, :250].set(3e38).at[0, 1].set(-jnp.inf).at[0, 1, 7].set(-5.0)  # huge logits; one finite
+  g = jnp.asarray(rng.normal(size=(3, 5)).astype(np.float32))
+  np.testing.assert_allclose(train.logsumexp(x), jax.nn.logsumexp(x, axis=-1), rtol=1e-6)
+  ours, theirs = (jax.grad(lambda x, f=f: jnp.sum(f(x) * g))(x) for f in (train.logsumexp,
+                                                                       lambda x: jax.nn.logsumexp(x, axis=-1)))
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+  assert not jnp.any(ours[..., 250:]) and bool(jnp.all(jnp.isfinite(ours)))
+  assert float(train.logsumexp(jnp.full((4,), -jnp.inf))) == -math.inf
+
+  # The loss with its gradient, compiled: at least one read of the (B, T, V) logits fewer than
+  # with jax.nn.logsumexp (one fewer on a GPU: 6.6 GB of GPT-2's at B=64).
+  B, T, V = 4, 64, 2048
+  spec = (jax.ShapeDtypeStruct((B, T, V), jnp.float32),
+          {"targets": jax.ShapeDtypeStruct((B, T), jnp.int32), "weights": jax.ShapeDtypeStruct((B, T), jnp.float32)})
+
+  def traffic(lse):
+    with pytest.MonkeyPatch.context() as m:
+      m.setattr(train, "logsumexp", lse)
+      step = jax.jit(jax.value_and_grad(lambda l, b: train.cross_entropy(l, b, V - 8)[0]))
+      return aot.hlo_bytes(step.lower(*spec).compile().as_text())
+  assert traffic(lambda x: jax.nn.logsumexp(x, axis=-1)) - traffic(train.logsumexp) >= B * T * V * 4
