@@ -5,6 +5,7 @@ Config files in `configs/` start from `base_config()` and change values only.
 
 import dataclasses
 import json
+import math
 import re
 
 import jax
@@ -232,8 +233,12 @@ def validate(c) -> None:
     raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}.")
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
-  if o.clip_norm < 0 or o.weight_decay < 0:
-    raise ConfigError("optim.clip_norm and optim.weight_decay must be >= 0.")
+  if not (0 <= o.clip_norm < math.inf and 0 <= o.weight_decay < math.inf):
+    raise ConfigError("optim.clip_norm and optim.weight_decay must be finite and >= 0.")
+  if not (0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0):  # AdamW divides by 1 - b**t
+    raise ConfigError(f"optim.b1 and optim.b2 must be in [0, 1), got {o.b1} and {o.b2}.")
+  if not o.eps > 0:  # a parameter whose gradient is always 0 (padded vocabulary rows) would get 0/0
+    raise ConfigError(f"optim.eps must be positive, got {o.eps}.")
   if c.data.source not in ("stories", "text", "hf"):
     raise ConfigError(f"data.source must be stories, text or hf, got {c.data.source!r}.")
   if c.data.path and c.data.source != "text":  # only source=text reads data.path: it would be ignored

@@ -164,8 +164,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, micro_bat
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # The update itself too: a finite gradient times a bad learning rate is still poison.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+  # A finite gradient times a bad learning rate is still poison, so the rate is checked too; the
+  # AdamW update is then finite (eps > 0, b1 and b2 < 1: validated). Known before the update, the
+  # choice of old or new fuses into the update's pass; a norm of the update would take a second
+  # pass over parameters and moments (gpt2 at B=64 on an H200: 2.7 GB, ~250 kernels).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(schedule(state.step))
   keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
   metrics = {"train/loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
              "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}

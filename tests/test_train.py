@@ -245,6 +245,9 @@ def test_fine_tuning_from_a_run(cache, tmp_path):
     ("train", "nonfinite", "ignore", "train.nonfinite must be 'skip' or 'stop'"),
     ("mesh", "fsdp", 0, "mesh.fsdp must be positive"),
     ("optim", "warmup_steps", -1, "optim.warmup_steps must be >= 0"),
+    ("optim", "b2", 1.0, r"optim.b1 and optim.b2 must be in \[0, 1\), got 0.9 and 1.0"),
+    ("optim", "eps", 0.0, "optim.eps must be positive, got 0.0"),
+    ("optim", "weight_decay", float("inf"), "optim.clip_norm and optim.weight_decay must be finite and >= 0"),
     ("train", "micro_batch_size", 5, r"train.micro_batch_size \(5\) must divide train.batch_size \(32\)"),
     ("compute", "kernels", "flash", "compute.kernels must be one of auto, cpu, reference, xla, cudnn, splash"),
 ])
