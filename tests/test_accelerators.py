@@ -2,10 +2,12 @@
 remat policies, and the real train step compiled for TPU slices through libtpu (no TPU needed).
 """
 
+import functools
 import importlib
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -273,16 +275,41 @@ def test_gpt2_compiles_for_eight_h100s_with_cudnn_and_fsdp():
   assert not big["fits"] and "(keeping 20% free); the largest term is temporaries" in big["advice"], big["advice"]
 
 
+@functools.lru_cache
+def two_gpt2_blocks_on_one_gpu(B: int) -> str:
+  """The compiled HLO of the B-row step of two GPT-2 blocks for one H100."""
+  return aot.compile_train_step(preset("gpt2", **{"model.num_layers": 2, "train.batch_size": B}),
+                                aot.topology_devices("h100:1"))["compiled"].as_text()
+
+
 @needs_cuda_plugin
 def test_the_gpu_step_keeps_rows_first_layout_without_a_gpu():
   """As test_gpu.py's test on a real card: compiled for an H100 here, the B=64 step of two GPT-2
   blocks holds no (T, C, B)-like array (the model before the per-token position lookup held 34)."""
   B = 64
-  compiled = aot.compile_train_step(preset("gpt2", **{"model.num_layers": 2, "train.batch_size": B}),
-                                    aot.topology_devices("h100:1"))["compiled"]
-  hlo = compiled.as_text()
+  hlo = two_gpt2_blocks_on_one_gpu(B)
   assert "__cudnn$fmha" in hlo
   for shape in itertools.permutations((B, 1024, 768)):
     if shape != (B, 1024, 768):
       assert f"[{','.join(map(str, shape))}]" not in hlo, shape
   assert aot.relayouts(hlo)["count"] == 0
+
+
+@needs_cuda_plugin
+def test_the_gpu_steps_mlp_writes_one_4c_array_and_its_loss_reads_the_logits_twice():
+  """The traffic cuts of docs/performance.md, in the compiled GPU step: the MLP's forward fusion
+  writes act(h) alone (before DenseActivation it also wrote h + b or GELU's tanh: one fusion with
+  two (B, T, 4C) outputs per block), and besides the matmuls two fusions read the (B, T, V) logits,
+  the one-pass log-sum-exp and the gradient (jax.nn.logsumexp's max and sum made it three)."""
+  B, T, F, V = 64, 1024, 3072, 50304
+  hlo = two_gpt2_blocks_on_one_gpu(B)
+  entry = hlo[hlo.index("\nENTRY"):]
+  shapes = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) [\w\-]+\(", entry, re.M))
+  two_4c, logits_reads = 0, 0
+  for out, op, args, rest in re.findall(r"^\s*(?:ROOT )?%[\w.\-]+ = (.+?) ([\w\-]+)\((.*?)\)(.*)$", entry, re.M):
+    if op != "fusion" or "gemm_fusion" in rest:  # XLA's own elementwise and reduction fusions only
+      continue
+    two_4c += out.count(f"[{B},{T},{F}]") + out.count(f"[{B * T},{F}]") >= 2
+    logits_reads += any(f"[{B},{T},{V}]" in shapes.get(a, "") or f"[{B * T},{V}]" in shapes.get(a, "")
+                        for a in re.findall(r"%([\w.\-]+)", args))
+  assert (two_4c, logits_reads) == (0, 2)
