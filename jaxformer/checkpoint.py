@@ -5,12 +5,14 @@ loss). Each checkpoint has three items: `state` (params, optimizer state, step,
 RNG), `data` (the batch stream's state) and `meta` (versions, tokenizer fingerprint).
 """
 
+import gc
 import logging
 import os
 import sys
 import tempfile
 import threading
 import traceback
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -159,15 +161,18 @@ def restore_params(directory: str, which: str, abstract_params, log=None) -> tup
         out = mgr.restore(step, args=args)
       except Exception as err:  # pylint: disable=broad-except
         errors.append((step, _one_line(err)))
+        # The failed read leaves coroutines that print as they are collected, which can be in the
+        # main thread during the next read ("Exception ignored in: <coroutine ...>"): from here on
+        # that goes to the log too, and they are collected now.
+        quiet_background(sys.stderr.log.path)
+        gc.collect()
         continue
       for bad, why in errors:
         (log or _warn)(f"warning: checkpoint {bad} in {path} could not be read ({why}); using step {step}.")
       return out["state"]["params"], dict(out["meta"]), step
   finally:
     mgr.close()
-    if errors:  # after a failed read they keep printing for a while: not onto the console
-      quiet_background(sys.stderr.log.path)
-    else:
+    if not errors:  # after a failed read they keep printing for a while: not onto the console
       sys.stderr = stderr
   step, why = errors[0]
   raise CheckpointError(
@@ -267,7 +272,8 @@ def quiet_background(log_path: str, everything: bool = False) -> None:
   """Sends what Orbax's threads and coroutines print after a failed read or write to `log_path`.
 
   They fail in turn until the process exits ("Event loop is closed", "Task exception
-  was never retrieved"): their detail goes to the log, the console keeps the main
+  was never retrieved", "coroutine ... was never awaited" as each is collected, in
+  any thread): their detail goes to the log, the console keeps the main
   thread's output (all of stderr with `everything`; scripts print their one-line
   error to sys.__stderr__).
   """
@@ -284,3 +290,11 @@ def quiet_background(log_path: str, everything: bool = False) -> None:
                                                                              a.exc_traceback)))
   sys.unraisablehook = lambda u: to_log(f"{u.err_msg or 'Exception ignored in'}: {u.object!r}\n" + "".join(
       traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
+  show = warnings.showwarning
+
+  def showwarning(message, category, filename, lineno, file=None, line=None):  # the coroutines never run
+    if issubclass(category, RuntimeWarning) and "was never awaited" in str(message):
+      to_log(warnings.formatwarning(message, category, filename, lineno, line))
+    else:
+      show(message, category, filename, lineno, file, line)
+  warnings.showwarning = showwarning

@@ -104,6 +104,42 @@ def test_a_refused_resume_leaves_the_runs_config_alone(six_steps):
   assert checkpoint.load_run(str(workdir))[0].model.num_layers == 2
 
 
+def test_after_a_failed_read_what_orbaxs_coroutines_print_goes_to_the_log(tmp_path):
+  """A failed read leaves coroutines that print as they are collected, in any thread: a coroutine
+  never started warns "was never awaited", one stopped mid-way may raise on closing. Once in a CI
+  run the first reached the console (sample.py's one warning became three lines)."""
+  log = tmp_path / "background.log"
+  code = f"""
+import gc, types
+from jaxformer import checkpoint
+checkpoint.quiet_background({str(log)!r})
+
+@types.coroutine
+def pause():
+  yield
+
+async def stopped():
+  try:
+    await pause()
+  finally:
+    raise RuntimeError("Event loop is closed")
+
+async def never_started():
+  pass
+
+c = stopped(); c.send(None)
+del c
+never_started()
+gc.collect()
+print("done")
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert (out.returncode, out.stdout, out.stderr) == (0, "done\n", "")
+  text = log.read_text()
+  assert "Exception ignored in: <coroutine object stopped" in text and "RuntimeError: Event loop is closed" in text
+  assert "coroutine 'never_started' was never awaited" in text
+
+
 def test_sample_and_evaluate_skip_a_corrupt_newest_checkpoint_with_one_warning(six_steps):
   _, tmp = six_steps
   workdir = tmp / "read-corrupt"
