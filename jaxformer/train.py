@@ -168,9 +168,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, micro_bat
   # AdamW update is then finite (eps > 0, b1 and b2 < 1: validated). Known before the update, the
   # choice of old or new fuses into the update's pass; a norm of the update would take a second
   # pass over parameters and moments (gpt2 at B=64 on an H200: 2.7 GB, ~250 kernels).
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(schedule(state.step))
+  lr = schedule(state.step)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
   keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-  metrics = {"train/loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+  metrics = {"train/loss": loss, "grad_norm": grad_norm, "lr": lr,
              "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}
   return state.replace(step=state.step + 1, params=keep(params, state.params),
                        opt_state=keep(opt_state, state.opt_state)), metrics
